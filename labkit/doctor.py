@@ -1,0 +1,103 @@
+"""`labkit doctor`: what this machine offers the lab, checked for real (no guesses from versions alone)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+from labkit import __version__
+
+
+def _memfd_and_scm_rights() -> tuple[bool, str]:
+    """Create a memfd, pass it over a socketpair with SCM_RIGHTS, and read it back through the new fd."""
+    try:
+        fd = os.memfd_create("labkit-doctor", os.MFD_CLOEXEC)
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            os.write(fd, b"labkit")
+            socket.send_fds(a, [b" "], [fd])
+            _, fds, _, _ = socket.recv_fds(b, 1, 1)
+            try:
+                ok = os.pread(fds[0], 6, 0) == b"labkit"
+            finally:
+                for f in fds:
+                    os.close(f)
+        finally:
+            a.close()
+            b.close()
+            os.close(fd)
+        return ok, "memfd_create and SCM_RIGHTS work"
+    except (OSError, AttributeError) as e:
+        return False, f"unavailable: {e}"
+
+
+def kvm_usable() -> bool:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def qemu_version(binary: str = "qemu-system-x86_64") -> tuple[str | None, tuple[int, int, int] | None]:
+    path = shutil.which(binary)
+    if not path:
+        return None, None
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return path, None
+    m = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
+    return path, (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
+
+
+def doctor() -> dict:
+    ok, memfd_text = _memfd_and_scm_rights()
+    qpath, qver = qemu_version()
+    return {
+        "python": platform.python_version(),
+        "labkit": __version__,
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "memfd-scm-rights": ok,
+        "memfd-scm-rights-detail": memfd_text,
+        "kvm": kvm_usable(),
+        "qemu": qpath,
+        "qemu-version": ".".join(map(str, qver)) if qver else None,
+        "qemu-cpr-transfer": bool(qver and qver >= (10, 0, 0)),
+        "root": os.geteuid() == 0,
+        "python-executable": sys.executable,
+    }
+
+
+def format_doctor(r: dict) -> str:
+    def yn(v: bool) -> str:
+        return "yes" if v else "no"
+
+    lines = [
+        f"labkit {r['labkit']} on Python {r['python']} ({r['platform']}, {r['cpus']} CPUs)",
+        f"  memfd + SCM_RIGHTS : {yn(r['memfd-scm-rights'])} ({r['memfd-scm-rights-detail']})",
+        f"  /dev/kvm usable    : {yn(r['kvm'])}"
+        + ("" if r["kvm"] else " (real QEMU would fall back to TCG)"),
+    ]
+    if r["qemu"]:
+        lines.append(
+            f"  qemu-system-x86_64 : {r['qemu-version']} at {r['qemu']}; cpr-transfer "
+            + ("available" if r["qemu-cpr-transfer"] else "needs QEMU >= 10.0")
+        )
+    else:
+        lines.append(
+            "  qemu-system-x86_64 : not installed (scripts/install-qemu installs QEMU 10 on Debian 12)"
+        )
+    lines.append(
+        f"  root               : {yn(r['root'])}"
+        + ("" if r["root"] else " (physical frame numbers in /proc/PID/pagemap read as 0 without root)")
+    )
+    lines.append("  emulated backend   : always available (labkit-vm: real processes, memfds, QMP)")
+    return "\n".join(lines)

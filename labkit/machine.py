@@ -1,0 +1,181 @@
+"""Machine: one VM process, its private run directory, its QMP client and its shutdown (like qemu.machine).
+
+A VM never outlives the Python process that spawned it: the child asks the kernel for SIGKILL when its parent
+dies (PR_SET_PDEATHSIG), and an atexit hook ends whatever is still running.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import weakref
+from pathlib import Path
+from typing import Any
+
+from labkit.config import VMConfig
+from labkit.inspect import Mapping, read_maps
+from labkit.qmp import QMP
+
+PR_SET_PDEATHSIG = 1
+_live: weakref.WeakSet[Machine] = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when the spawning thread's process dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+@atexit.register
+def _kill_all() -> None:
+    with _live_lock:
+        machines = list(_live)
+    for m in machines:
+        with contextlib.suppress(Exception):
+            m.kill()
+
+
+def backend_argv(config: VMConfig, backend: str, qmp_path: str) -> list[str]:
+    """The full command line of a VM for a backend."""
+    if backend == "emulated":
+        from labkit.backends.emulated import emulated_argv
+
+        return emulated_argv(config, qmp_path)
+    if backend == "qemu":
+        from labkit.backends.qemu import qemu_argv
+
+        return qemu_argv(config, qmp_path)
+    raise ValueError(f"unknown backend {backend!r}: choose 'emulated' or 'qemu'")
+
+
+class Machine:
+    """A launched VM. Use as a context manager, or call shutdown()."""
+
+    def __init__(self, config: VMConfig, backend: str = "emulated", run_dir: str | None = None):
+        self.config = config
+        self.backend = backend
+        self._own_dir = run_dir is None
+        self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix=f"labkit-{config.name}-"))
+        os.chmod(self.run_dir, 0o700)
+        self.qmp_path = str(self.run_dir / "qmp.sock")
+        self.log_path = self.run_dir / "vm.log"
+        self.argv = backend_argv(config, backend, self.qmp_path)
+        self.proc: subprocess.Popen | None = None
+        self.qmp = QMP(config.name)
+        self._log = None
+
+    # -- life cycle --------------------------------------------------------------------------------------
+    def launch(self, connect: bool = True, timeout: float = 30.0) -> Machine:
+        """Start the process; connect QMP unless told not to (a cpr-transfer destination opens its monitor
+        only after the source has sent CPR state)."""
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in _reap
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+            close_fds=True,
+        )
+        with _live_lock:
+            _live.add(self)
+        if connect:
+            try:
+                self.connect(timeout)
+            except BaseException:
+                self.kill()
+                raise
+        return self
+
+    def connect(self, timeout: float = 30.0) -> None:
+        if not self.qmp.connected:
+            self.qmp.connect(self.qmp_path, timeout, alive=self.alive)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def cmd(self, command: str, args: dict | None = None, timeout: float = 30.0, **kwargs: Any) -> Any:
+        return self.qmp.cmd(command, args, timeout, **kwargs)
+
+    @property
+    def events(self) -> list[dict]:
+        return self.qmp.events
+
+    def maps(self) -> list[Mapping]:
+        return read_maps(self.pid)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def shutdown(self, timeout: float = 10.0) -> int | None:
+        """Ask the VM to quit over QMP, then SIGTERM, then SIGKILL; always reaps and cleans up."""
+        if self.proc is not None and self.proc.poll() is None and self.qmp.connected:
+            with contextlib.suppress(Exception):
+                self.qmp.cmd("quit", timeout=min(timeout, 5))
+            self.wait(timeout)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            if self.wait(timeout) is None:
+                self.proc.kill()
+        return self._reap()
+
+    def kill(self) -> int | None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        return self._reap()
+
+    def _reap(self) -> int | None:
+        self.qmp.close()
+        rc = None
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                rc = self.proc.wait(10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        with _live_lock:
+            _live.discard(self)
+        if self._own_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        return rc
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def spawn(
+    config: VMConfig,
+    backend: str = "emulated",
+    connect: bool = True,
+    run_dir: str | None = None,
+    timeout: float = 30.0,
+) -> Machine:
+    """Start one VM and return its Machine (connected to QMP unless connect=False)."""
+    return Machine(config, backend, run_dir).launch(connect=connect, timeout=timeout)

@@ -1,0 +1,287 @@
+"""The subset of qemu-system-x86_64's command line that the lab uses, parsed the way QEMU parses it.
+
+QEMU options take one argument each (`-m 1G`), accept `--opt` for `-opt`, and describe objects as keyval
+lists whose first bare word is an implied key (`-machine q35,...` means type=q35). `-machine` may be given many
+times and its properties merge; for `-incoming` the last value per channel type wins (system/vl.c).
+Lab-only options start with `-x-`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from labkit.config import GUEST_PATTERNS, MEMORY_BACKENDS, GuestConfig, SizeError, parse_size
+
+PROG = "labkit-vm"
+
+
+class OptionError(Exception):
+    """A command-line error, printed as one line `labkit-vm: -opt value: what is wrong` and exit status 1."""
+
+
+@dataclass
+class BackendOptions:
+    """One `-object memory-backend-*` (QEMU's HostMemoryBackend properties that the lab uses)."""
+
+    qom_type: str
+    id: str
+    size: int
+    share: bool
+    mem_path: str | None = None
+
+
+@dataclass
+class MachineOptions:
+    """Everything parsed from argv, before any object is created."""
+
+    name: str = "vm"
+    ram_size: int = 128 << 20  # QEMU's default -m
+    ram_size_given: bool = False
+    machine_type: str = "q35"
+    aux_ram_share: bool = False
+    memory_backend: str | None = None
+    objects: dict[str, BackendOptions] = field(default_factory=dict)
+    qmp: list[str] = field(default_factory=list)  # unix socket paths
+    incoming: dict[str, str | None] = field(
+        default_factory=dict
+    )  # channel type -> raw value ("defer" -> main: None)
+    start_paused: bool = False
+    serial_file: str | None = None
+    guest: GuestConfig = field(default_factory=GuestConfig)
+    accel: str | None = None
+
+
+# Options that take an argument, and those that do not (system/vl.c's QEMU_OPTION_* table, lab subset).
+_WITH_ARG = {
+    "name",
+    "m",
+    "machine",
+    "M",
+    "object",
+    "qmp",
+    "incoming",
+    "display",
+    "accel",
+    "serial",
+    "x-guest",
+    "kernel",
+    "append",
+    "cpu",
+    "smp",
+    "chardev",
+    "mon",
+}
+_NO_ARG = {"S", "nodefaults", "enable-kvm", "no-reboot", "no-shutdown"}
+
+
+def parse_bool(text: str, what: str) -> bool:
+    """QEMU's qapi_bool_parse(): on/yes/true/y and off/no/false/n."""
+    low = text.lower()
+    if low in ("on", "yes", "true", "y"):
+        return True
+    if low in ("off", "no", "false", "n"):
+        return False
+    raise OptionError(f"Parameter '{what}' expects 'on' or 'off'")
+
+
+def parse_keyval(text: str, implied_key: str | None) -> dict[str, str]:
+    """Split QEMU keyval syntax: `a=1,b=2`; ',,' escapes a comma; a leading bare word is the implied key."""
+    items: list[str] = []
+    cur = ""
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == ",":
+            if i + 1 < len(text) and text[i + 1] == ",":
+                cur += ","
+                i += 2
+                continue
+            items.append(cur)
+            cur = ""
+        else:
+            cur += c
+        i += 1
+    items.append(cur)
+    out: dict[str, str] = {}
+    for n, item in enumerate(items):
+        if "=" in item:
+            key, _, value = item.partition("=")
+            if not key:
+                raise OptionError(f"Invalid parameter '{item}'")
+            out[key] = value
+        elif n == 0 and implied_key and item:
+            out[implied_key] = item
+        elif item == "":
+            raise OptionError("Expected parameter name")
+        else:
+            raise OptionError(f"Expected '=' after parameter '{item}'")
+    return out
+
+
+def _machine(opts: MachineOptions, value: str) -> None:
+    kv = parse_keyval(value, "type")
+    for key, val in kv.items():
+        if key == "type":
+            if val not in ("q35", "pc", "pc-q35-10.0", "none"):
+                raise OptionError(f"unsupported machine type: {val}")
+            opts.machine_type = val
+        elif key == "aux-ram-share":
+            opts.aux_ram_share = parse_bool(val, "aux-ram-share")
+        elif key == "memory-backend":
+            opts.memory_backend = val
+        elif key in ("accel", "usb", "vmport", "smm"):
+            pass  # accepted, inert in the emulator
+        else:
+            raise OptionError(f"Property '{opts.machine_type}-machine.{key}' not found")
+
+
+def _object(opts: MachineOptions, value: str) -> None:
+    kv = parse_keyval(value, "qom-type")
+    qom_type = kv.pop("qom-type", None)
+    if not qom_type:
+        raise OptionError("Parameter 'qom-type' is missing")
+    if qom_type not in MEMORY_BACKENDS:
+        raise OptionError(f"invalid object type: {qom_type}")
+    oid = kv.pop("id", None)
+    if not oid:
+        raise OptionError("Parameter 'id' is missing")
+    if oid in opts.objects:
+        raise OptionError(f"attempt to add duplicate property '{oid}' to object (type 'container')")
+    if "size" not in kv:
+        raise OptionError("can't create backend with size 0")
+    try:
+        size = parse_size(kv.pop("size"))
+    except SizeError as e:
+        raise OptionError(f"Parameter 'size' expects a non-negative number below 2^64 ({e})") from None
+    if size == 0:
+        raise OptionError("can't create backend with size 0")
+    share = parse_bool(kv.pop("share"), "share") if "share" in kv else False
+    mem_path = kv.pop("mem-path", None)
+    if qom_type == "memory-backend-file" and not mem_path:
+        raise OptionError("mem-path property not set")
+    for key in kv:
+        if key not in ("prealloc", "merge", "dump", "reserve", "host-nodes", "policy"):
+            raise OptionError(f"Property '{qom_type}.{key}' not found")
+    opts.objects[oid] = BackendOptions(qom_type, oid, size, share, mem_path)
+
+
+def _qmp(opts: MachineOptions, value: str) -> None:
+    if not value.startswith("unix:"):
+        raise OptionError(f"'{value}' is not a unix socket address (the emulator serves QMP on unix sockets)")
+    path, *rest = value[5:].split(",")
+    for item in rest:
+        key, _, val = item.partition("=")
+        if key in ("server", "wait"):
+            parse_bool(val or "on", key)
+        else:
+            raise OptionError(f"Invalid parameter '{key}'")
+    if not path:
+        raise OptionError("Parameter 'path' is missing")
+    opts.qmp.append(path)
+
+
+def _incoming(opts: MachineOptions, value: str) -> None:
+    # Local import: the channel parser belongs to the migration package, which sits below the VM.
+    from labkit.vm.migration.channels import parse_incoming_option
+
+    try:
+        ctype, channel = parse_incoming_option(value)
+    except ValueError as e:
+        raise OptionError(str(e)) from None
+    # "New incoming spec replaces the previous" (incoming_option_parse): keep the raw text, last one wins.
+    opts.incoming[ctype] = None if channel is None else value
+
+
+def _guest(opts: MachineOptions, value: str) -> None:
+    kv = parse_keyval(value, None)
+    g = GuestConfig()
+    try:
+        for key, val in kv.items():
+            if key == "dirty-rate":
+                g.dirty_rate = parse_size(val)
+            elif key == "pattern":
+                if val not in GUEST_PATTERNS:
+                    raise OptionError(f"Parameter 'pattern' does not accept value '{val}'")
+                g.pattern = val
+            elif key == "working-set":
+                g.working_set = parse_size(val)
+            elif key == "seed":
+                g.seed = int(val)
+            else:
+                raise OptionError(f"Invalid parameter '{key}'")
+    except (SizeError, ValueError) as e:
+        if isinstance(e, OptionError):
+            raise
+        raise OptionError(str(e)) from None
+    opts.guest = g
+
+
+def parse_args(argv: list[str]) -> MachineOptions:
+    """Parse argv (without the program name) into MachineOptions; raise OptionError with QEMU-style text."""
+    opts = MachineOptions()
+    i = 0
+    while i < len(argv):
+        raw = argv[i]
+        if not raw.startswith("-") or raw == "-":
+            raise OptionError(
+                f"{raw}: disk images are not supported by the emulator"
+            )  # QEMU would take it as -hda
+        name = raw.lstrip("-") if raw.startswith("--") else raw[1:]
+        if name in _NO_ARG:
+            if name == "S":
+                opts.start_paused = True
+            i += 1
+            continue
+        if name not in _WITH_ARG:
+            raise OptionError(f"{raw}: invalid option")
+        if i + 1 >= len(argv):
+            raise OptionError(f"{raw}: requires an argument")
+        value = argv[i + 1]
+        try:
+            _apply(opts, name, value)
+        except OptionError as e:
+            raise OptionError(f"{raw} {value}: {e}") from None
+        i += 2
+    _finish(opts)
+    return opts
+
+
+def _apply(opts: MachineOptions, name: str, value: str) -> None:
+    if name == "name":
+        opts.name = parse_keyval(value, "guest").get("guest", value)
+    elif name == "m":
+        kv = parse_keyval(value, "size")
+        try:
+            opts.ram_size = parse_size(kv.get("size", ""), default_suffix="m")
+        except SizeError:
+            raise OptionError("Parameter 'size' expects a non-negative number below 2^64") from None
+        opts.ram_size_given = True
+    elif name in ("machine", "M"):
+        _machine(opts, value)
+    elif name == "object":
+        _object(opts, value)
+    elif name == "qmp":
+        _qmp(opts, value)
+    elif name == "incoming":
+        _incoming(opts, value)
+    elif name == "x-guest":
+        _guest(opts, value)
+    elif name == "serial":
+        if value.startswith("file:"):
+            opts.serial_file = value[5:]
+        elif value not in ("none", "null", "stdio"):
+            raise OptionError("the emulator's serial port supports file:PATH, stdio or none")
+    elif name == "accel":
+        opts.accel = parse_keyval(value, "accel").get("accel")
+    # -display, -kernel, -append, -cpu, -smp, -chardev, -mon: accepted and inert in the emulator
+
+
+def _finish(opts: MachineOptions) -> None:
+    """Cross-option checks QEMU makes when it creates the machine."""
+    if opts.memory_backend is not None:
+        backend = opts.objects.get(opts.memory_backend)
+        if backend is None:
+            raise OptionError(f"Memory backend '{opts.memory_backend}' not found")
+        if opts.ram_size_given and backend.size != opts.ram_size:
+            raise OptionError("backend memory size must match the RAM size given with -m")
+        opts.ram_size = backend.size

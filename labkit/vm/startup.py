@@ -1,0 +1,67 @@
+"""qemu_init() for the emulated VM: the start-up order that cpr-transfer depends on.
+
+The CPR channel is read *first*, before RAM blocks, devices or the monitor exist (system/vl.c:
+"Load incoming CPR state before any devices are created, because it contains file descriptors that are needed in
+device initialization code"). Any error here is fatal: the process prints one line and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from labkit.vm.memory import MemoryError_, ram_blocks_create
+from labkit.vm.migration.channels import parse_incoming_option
+from labkit.vm.migration.cpr import CprError, cpr_state_load, cpr_transfer_input
+from labkit.vm.options import PROG, OptionError, parse_args
+from labkit.vm.vm import VM
+
+
+def _error(message: str) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def cpr_state_load_from_cmdline(raw: str):
+    """Block on the cpr channel until the source sends CPR state; return (socket, {name: fd})."""
+    _, channel = parse_incoming_option(raw)
+    sock = cpr_transfer_input(channel)
+    try:
+        fds = cpr_state_load(sock)
+    except BaseException:
+        sock.close()
+        raise
+    by_name: dict[str, int] = {}
+    for f in fds:
+        if f.name in by_name or f.id != 0:
+            for fd in [*by_name.values(), *(g.fd for g in fds if g.fd not in by_name.values())]:
+                os.close(fd)
+            sock.close()
+            raise CprError(f"unexpected cpr fd {f.name!r} id {f.id} (duplicate or non-zero id)")
+        by_name[f.name] = f.fd
+    return sock, by_name
+
+
+def qemu_init(argv: list[str]) -> VM | int:
+    """Parse argv and build the VM in QEMU's order; an int return is an exit status."""
+    try:
+        opts = parse_args(argv)
+    except OptionError as e:
+        return _error(str(e))
+    cpr_sock, cpr_fds = None, {}
+    if opts.incoming.get("cpr"):
+        try:
+            cpr_sock, cpr_fds = cpr_state_load_from_cmdline(opts.incoming["cpr"])
+        except (CprError, OSError, ValueError) as e:
+            return _error(f"cpr_state_load: {e}")
+    try:
+        ram = ram_blocks_create(opts, cpr_fds)
+    except (MemoryError_, OSError, ValueError) as e:
+        if cpr_sock:
+            cpr_sock.close()
+        return _error(str(e))
+    incoming = "main" in opts.incoming
+    vm = VM(opts, ram, incoming=incoming)
+    if cpr_sock is not None:
+        vm.migration.incoming_cpr(cpr_sock)
+    return vm

@@ -1,0 +1,205 @@
+"""One emulated VM: start-up in QEMU's order, the run state, the QMP commands, and shutdown.
+
+Start-up follows qemu_init(): parse options, create the machine, *load CPR state* (blocking on the cpr channel,
+before any RAM, device or monitor exists, because the fds it carries are what RAM is made of), create RAM
+blocks and devices, open the monitor, then either start incoming migration, wait (-incoming defer), stay in
+prelaunch (-S) or run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+
+from labkit import __version__
+from labkit.vm import runstate as rs
+from labkit.vm.devices import CPUDevice, GlobalState, SerialDevice, TimerDevice
+from labkit.vm.guest import VCPU, Guest, verify_guest_memory
+from labkit.vm.memory import RAMList, verify_roms
+from labkit.vm.migration.migration import MigrationState
+from labkit.vm.monitor import Monitor, QMPError
+from labkit.vm.options import MachineOptions
+
+
+class VM:
+    """The machine: RAM, guest, devices, run state and monitor, owned by one process."""
+
+    def __init__(self, opts: MachineOptions, ram: RAMList, incoming: bool):
+        self.opts = opts
+        self.ram = ram
+        self.guest = Guest(ram.system, opts.guest, fresh=not incoming and not ram.system.reused)
+        self.vcpu = VCPU(self.guest)
+        self.serial = SerialDevice(self.guest, opts.serial_file)
+        self.global_state = GlobalState()
+        self.devices = [CPUDevice(self.guest), TimerDevice(self.guest), self.serial, self.global_state]
+        self.runstate = rs.RunState(rs.INMIGRATE if incoming else rs.PRELAUNCH)
+        self.autostart = not opts.start_paused
+        self.monitor = Monitor(package=f"labkit-vm {__version__}")
+        self.events: list[dict] = []  # every event this VM emitted, with CLOCK_MONOTONIC ns, for the timeline
+        self.monitor.add_event_listener(self._record_event)
+        self.migration = MigrationState(self)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.quit_requested: asyncio.Event | None = None
+        self._register_commands()
+
+    # -- events and run state ------------------------------------------------------------------------------
+    def _record_event(self, ev: dict) -> None:
+        self.events.append({**ev, "monotonic-ns": time.monotonic_ns()})
+        del self.events[:-10000]
+
+    def emit(self, name: str, data: dict | None = None) -> None:
+        self.monitor.emit_event(name, data)
+
+    def vm_start(self) -> None:
+        """vm_start(): run the vCPU and announce RESUME."""
+        self.runstate.set(rs.RUNNING)
+        self.vcpu.resume()
+        self.emit("RESUME")
+
+    def vm_stop(self, new_state: str) -> bool:
+        """do_vm_stop(): quiesce the vCPU, then STOP; returns whether the VM was running."""
+        was_running = self.runstate.running
+        if was_running:
+            self.vcpu.pause()
+            self.runstate.set(new_state)
+            self.emit("STOP")
+        else:
+            self.runstate.set(new_state)
+        return was_running
+
+    # -- QMP -----------------------------------------------------------------------------------------------
+    def _register_commands(self) -> None:
+        m = self.monitor
+        m.register(
+            "query-status", lambda a: {"running": self.runstate.running, "status": self.runstate.state}
+        )
+        m.register("stop", self.qmp_stop)
+        m.register("cont", self.qmp_cont)
+        m.register("quit", self.qmp_quit)
+        m.register("query-name", lambda a: {"name": self.opts.name})
+        m.register("query-memdev", self.qmp_query_memdev)
+        m.register("x-labkit-guest-stats", self.qmp_guest_stats, {"*reset-gap": "bool"})
+        m.register("x-labkit-verify", self.qmp_verify)
+        m.register("x-labkit-console", lambda a: {"lines": list(self.guest.console)})
+        m.register("x-labkit-ram-blocks", self.qmp_ram_blocks)
+        m.register("x-labkit-events", lambda a: list(self.events))
+        m.register(
+            "x-labkit-info",
+            lambda a: {"pid": os.getpid(), "runstate": self.runstate.state, "autostart": self.autostart},
+        )
+        self.migration.register_commands(m)
+
+    def qmp_stop(self, args: dict) -> None:
+        if self.runstate.state == rs.INMIGRATE:
+            self.autostart = False  # qmp_stop(): "the VM will not start after migration"
+            return
+        self.vm_stop(rs.PAUSED)
+
+    def qmp_cont(self, args: dict) -> None:
+        state = self.runstate.state
+        if state == rs.INMIGRATE:
+            self.autostart = True
+            return
+        if self.migration.active():
+            raise QMPError("Migration is not finished: the VM cannot resume while migrating")
+        if state != rs.RUNNING:
+            self.vm_start()
+
+    def qmp_quit(self, args: dict) -> None:
+        self.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+        assert self.loop and self.quit_requested
+        self.loop.call_soon(self.quit_requested.set)
+
+    def qmp_query_memdev(self, args: dict) -> list[dict]:
+        out = []
+        for b in self.ram:
+            if b.backend.startswith("memory-backend-"):
+                out.append(
+                    {
+                        "id": b.idstr,
+                        "size": b.size,
+                        "merge": False,
+                        "dump": True,
+                        "prealloc": False,
+                        "share": b.shared,
+                        "host-nodes": [],
+                        "policy": "default",
+                    }
+                )
+        return out
+
+    def qmp_guest_stats(self, args: dict) -> dict:
+        stats = self.guest.stats()
+        if args.get("reset-gap"):
+            with self.vcpu.lock:
+                self.guest.reset_gap()
+        return stats
+
+    def qmp_ram_blocks(self, args: dict) -> list[dict]:
+        view = []
+        for b in self.ram:
+            addr = 0
+            if b.mm is not None:
+                import ctypes
+
+                addr = ctypes.addressof(ctypes.c_char.from_buffer(b.mm))
+            view.append(
+                {
+                    "name": b.idstr,
+                    "size": b.size,
+                    "kind": b.kind,
+                    "backend": b.backend,
+                    "shared": b.shared,
+                    "fd": b.fd,
+                    "path": b.path,
+                    "reused": b.reused,
+                    "host-addr": addr,
+                }
+            )
+        return view
+
+    def qmp_verify(self, args: dict) -> dict:
+        """Prove guest memory is what the guest wrote; the vCPU holds still meanwhile (a stall the guest sees)."""
+        with self.vcpu.lock:
+            result = verify_guest_memory(self.ram.system)
+            result["bad-roms"] = verify_roms(self.ram)
+        result["ok"] = result["ok"] and not result["bad-roms"]
+        return result
+
+    # -- life cycle ----------------------------------------------------------------------------------------
+    async def run(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        self.quit_requested = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self.loop.add_signal_handler(sig, self.quit_requested.set)
+        self.vcpu.start()
+        if self.runstate.state == rs.INMIGRATE:
+            main = self.opts.incoming.get("main")
+            # Listen on main before the monitor opens, so that a client that sees the monitor can migrate to
+            # us; with -incoming defer, migrate-incoming starts it (and closes the cpr channel then).
+            if main is not None:
+                await self.migration.start_incoming_from_cmdline(main)
+        for path in self.opts.qmp:
+            await self.monitor.serve_unix(path)
+        if self.runstate.state == rs.PRELAUNCH and self.autostart:
+            self.vm_start()
+        await self.quit_requested.wait()
+        await self.shutdown()
+        return self.migration.exit_status
+
+    async def shutdown(self) -> None:
+        self.vcpu.quit()
+        self.vcpu.join(2)
+        await self.migration.close()
+        await self.monitor.close()
+        self.serial.close()
+
+    def fatal(self, message: str) -> None:
+        """error_report() then exit(1), as QEMU does when an incoming migration cannot load."""
+        print(f"labkit-vm: {message}", file=sys.stderr, flush=True)
+        self.migration.exit_status = 1
+        if self.loop and self.quit_requested:
+            self.loop.call_soon_threadsafe(self.quit_requested.set)

@@ -37,6 +37,9 @@ def _fds() -> set[str]:
 @pytest.fixture(scope="session", autouse=True)
 def _warm_qmp_loop():
     _LoopThread.get()  # its self-pipe is created once per process, not a leak
+    from qemu.qmp.util import get_or_create_event_loop
+
+    get_or_create_event_loop()  # qemu.qmp's legacy client makes one loop per thread and keeps it
     yield
 
 

@@ -34,7 +34,7 @@ from labkit.vm.migration.channels import (
     parse_incoming_option,
     parse_uri,
 )
-from labkit.vm.migration.cpr import CprFd, cpr_state_save, cpr_transfer_output
+from labkit.vm.migration.cpr import CprError, CprFd, cpr_state_save, cpr_transfer_output
 from labkit.vm.migration.ram import (
     MigrationCancelled,
     RAMState,
@@ -235,7 +235,7 @@ class MigrationState:
         if mode == "cpr-transfer":
             try:
                 self.cpr_state_save(cpr)
-            except (ValueError, OSError) as e:
+            except (CprError, ValueError, OSError) as e:
                 self.error_desc = str(e)
                 self._close_cpr_out()
                 self._set_status("failed")
@@ -266,7 +266,8 @@ class MigrationState:
         """cpr_state_save(): connect the cpr channel, send every RAM fd, half-close to await the hang-up."""
         sock = cpr_transfer_output(channel)
         self.cpr_out = sock
-        fds = [CprFd(name, 0, fd) for name, fd in self.vm.ram.cpr_fds()]
+        # cpr_save_fd() inserts at the head of its list: the block registered last goes first on the wire
+        fds = [CprFd(name, 0, fd) for name, fd in reversed(self.vm.ram.cpr_fds())]
         self.bytes_cpr = cpr_state_save(sock, fds)
         sock.shutdown(socket.SHUT_WR)
 
@@ -482,12 +483,7 @@ class MigrationState:
             raise QMPError("need either 'uri' or 'channels' argument")
         try:
             if channels is not None:
-                if len(channels) != 1:
-                    raise QMPError("Channel list must have only one entry, for type 'main'")
-                parsed = parse_channels(channels)
-                if "main" not in parsed:
-                    raise QMPError("Channel list must have only one entry, for type 'main'")
-                channel = parsed["main"]
+                channel = parse_channels(channels, single_main=True)["main"]
             else:
                 channel = parse_uri(uri)
         except ValueError as e:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from labkit.backends import get_backend
 from labkit.config import GuestConfig, VMConfig, parse_size
 from labkit.inspect import page_frames, read_fds, read_maps
 from labkit.machine import Machine
@@ -68,11 +69,11 @@ class Snapshot:
     mappings: list[MappingRow] = field(default_factory=list)
 
 
-def _events_of(m: Machine | None) -> list[dict]:
+def _events_of(ops, m: Machine | None) -> list[dict]:
     if m is None or not m.alive() or not m.qmp.connected:
         return []
     try:
-        return m.cmd("x-labkit-events", timeout=10)
+        return ops.events(m)
     except (QMPCommandError, QMPTimeout, ConnectionError):
         return [{**e, "monotonic-ns": None} for e in m.events]
 
@@ -102,6 +103,7 @@ class Lab:
         if mode not in MODES:
             raise LabError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.backend = backend
+        self.ops = get_backend(backend)
         self.mode = mode
         self.defer = defer
         self.warmup = warmup
@@ -265,7 +267,7 @@ class Lab:
 
     def _reset_gap(self) -> None:
         with contextlib.suppress(QMPCommandError, QMPTimeout):
-            self.src.cmd("x-labkit-guest-stats", {"reset-gap": True})
+            self.ops.reset_gap(self.src)
 
     def _migrate(self, args: dict) -> bool:
         self._reset_gap()
@@ -320,7 +322,7 @@ class Lab:
 
     def _quit_source(self) -> None:
         self.migrate_info = self.src.cmd("query-migrate")
-        self.src_events = _events_of(self.src)
+        self.src_events = _events_of(self.ops, self.src)
         self.src_state = self.src.cmd("query-status")["status"]
         self.src_maps = self._block_mappings("source", self.src)
         self.src.shutdown()
@@ -369,7 +371,7 @@ class Lab:
             return []
         rows = []
         try:
-            blocks = m.cmd("x-labkit-ram-blocks", timeout=10) if m.qmp.connected else []
+            blocks = self.ops.ram_blocks(m) if m.qmp.connected else []
         except (QMPCommandError, QMPTimeout):
             blocks = []
         maps = read_maps(m.pid)
@@ -401,7 +403,8 @@ class Lab:
                 snap.fds[side] = [f.__dict__ for f in read_fds(m.pid) if f.kind == "memfd"]
                 snap.mappings += self._block_mappings(side, m)
         lab = snap.migration.get("source", {}).get("x-labkit", {})
-        snap.bytes = {"main": lab.get("bytes-main", 0), "cpr": lab.get("bytes-cpr", 0)}
+        transferred = snap.migration.get("source", {}).get("ram", {}).get("transferred", 0)
+        snap.bytes = {"main": lab.get("bytes-main", transferred), "cpr": lab.get("bytes-cpr")}
         return snap
 
     def _collect(self) -> Result:
@@ -430,11 +433,12 @@ class Lab:
         ram = info.get("ram", {})
         res.passes = ram.get("dirty-sync-count", 0)
         lab = info.get("x-labkit", {})
-        res.bytes = {"main": lab.get("bytes-main", 0), "cpr": lab.get("bytes-cpr", 0)}
+        # real QEMU does not report its cpr channel's bytes; ram.transferred counts the whole main stream
+        res.bytes = {"main": lab.get("bytes-main", ram.get("transferred", 0)), "cpr": lab.get("bytes-cpr")}
         res.pages_per_pass = lab.get("pages-per-pass", [])
         res.throughput_mbps = ram.get("mbps")
-        src_events = _events_of(self.src) if src_alive else getattr(self, "src_events", [])
-        dst_events = _events_of(self.dst)
+        src_events = _events_of(self.ops, self.src) if src_alive else getattr(self, "src_events", [])
+        dst_events = _events_of(self.ops, self.dst)
         stop = next((e for e in src_events if e.get("event") == "STOP"), None)
         resume = next((e for e in dst_events if e.get("event") == "RESUME"), None)
         if stop and resume and stop.get("monotonic-ns") and resume.get("monotonic-ns"):
@@ -467,13 +471,16 @@ class Lab:
             res.mappings += self._block_mappings("destination", self.dst)
             if res.status == "completed":
                 time.sleep(0.01)  # let the guest beat at least once after resuming
-                stats = self.dst.cmd("x-labkit-guest-stats", timeout=10)
-                res.pause_ms["guest"] = round(stats["max-gap-ns"] / 1e6, 3)
-                res.verify = self.dst.cmd("x-labkit-verify", timeout=60)
+                stats = self.ops.guest_stats(self.dst)
+                gap = stats.get("max-gap-ns")
+                res.pause_ms["guest"] = None if gap is None else round(gap / 1e6, 3)
+                if gap is None:
+                    res.notes.append(f"guest pause unavailable: {stats.get('max-gap-why', 'unknown')}")
+                res.verify = self.ops.verify(self.dst)
                 res.guest_verified = bool(res.verify.get("ok"))
         if not res.guest_verified and src_alive and res.status != "completed":
             # the migration failed: the source must still hold the guest's memory intact
-            res.verify = self.src.cmd("x-labkit-verify", timeout=60)
+            res.verify = self.ops.verify(self.src)
             res.guest_verified = bool(res.verify.get("ok"))
         return res
 

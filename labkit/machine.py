@@ -45,15 +45,9 @@ def _kill_all() -> None:
 
 def backend_argv(config: VMConfig, backend: str, qmp_path: str) -> list[str]:
     """The full command line of a VM for a backend."""
-    if backend == "emulated":
-        from labkit.backends.emulated import emulated_argv
+    from labkit.backends import get_backend
 
-        return emulated_argv(config, qmp_path)
-    if backend == "qemu":
-        from labkit.backends.qemu import qemu_argv
-
-        return qemu_argv(config, qmp_path)
-    raise ValueError(f"unknown backend {backend!r}: choose 'emulated' or 'qemu'")
+    return get_backend(backend).argv(config, qmp_path)
 
 
 class Machine:

@@ -45,7 +45,7 @@ class Result:
     )
     total_ms: float | None = None
     setup_ms: float | None = None
-    bytes: dict[str, int] = field(default_factory=lambda: {"main": 0, "cpr": 0})
+    bytes: dict[str, int | None] = field(default_factory=lambda: {"main": 0, "cpr": 0})
     passes: int = 0
     pages_per_pass: list[int] = field(default_factory=list)
     throughput_mbps: float | None = None
@@ -89,7 +89,8 @@ class Result:
             f"  pause: reported {ms(p.get('reported'))}, STOP->RESUME {ms(p.get('events'))}, "
             f"guest-seen {ms(p.get('guest'))}",
             f"  total time {ms(self.total_ms)}; passes {self.passes}; "
-            f"main channel {human_size(self.bytes.get('main', 0))}, cpr channel {self.bytes.get('cpr', 0)} B",
+            f"main channel {human_size(self.bytes.get('main') or 0)}, cpr channel "
+            f"{'n/a' if self.bytes.get('cpr') is None else str(self.bytes['cpr']) + ' B'}",
             f"  states: source {self.states.get('source')}, destination {self.states.get('destination')}",
             f"  guest memory verified: {self.guest_verified}",
         ]

@@ -101,6 +101,7 @@ class VMConfig:
     start_paused: bool = False  # -S
     backend_id: str = "ram0"
     serial_path: str | None = None  # -serial file:PATH
+    holds: list[str] = field(default_factory=list)  # -x-hold (emulator only): migration points to wait at
 
     def __post_init__(self) -> None:
         self.ram = parse_size(self.ram, "m") if isinstance(self.ram, str) else self.ram
@@ -155,4 +156,7 @@ class VMConfig:
 
     def emulated_argv(self, qmp_path: str) -> list[str]:
         """Arguments for `labkit-vm` (the program name not included)."""
-        return self.common_argv(qmp_path) + ["-x-guest", self.guest.to_option()]
+        argv = self.common_argv(qmp_path) + ["-x-guest", self.guest.to_option()]
+        if self.holds:
+            argv += ["-x-hold", ",".join(self.holds)]
+        return argv

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -164,6 +165,8 @@ class Lab:
         }[mode]
         self.phases = list(PHASES[mode])
         self.index = 0
+        self.stepping = False  # set by the first step(): hold at each phase so both sides can be looked at
+        self.can_hold = backend == "emulated"
         self.result: Result | None = None
 
     # -- stepping ----------------------------------------------------------------------------------------
@@ -171,6 +174,8 @@ class Lab:
         """Run exactly one phase and return a Snapshot of both sides; StopIteration after the last one."""
         if self.index >= len(self._actions):
             raise StopIteration("the migration has no phases left")
+        if self.index == 0:
+            self.stepping = self.can_hold
         phase = self.phases[self.index]
         self.mark("lab", "phase", phase)
         if self.error is None:
@@ -232,22 +237,47 @@ class Lab:
             )
         time.sleep(self.warmup)  # let the guest run and dirty memory before migrating
 
-    def _dest_config(self, *incoming: str | dict) -> VMConfig:
+    def _dest_config(self, *incoming: str | dict, holds: tuple[str, ...] = ()) -> VMConfig:
         from dataclasses import replace
 
-        return replace(self.config, name="destination").with_incoming(*incoming)
+        held = list(holds) if self.stepping else []
+        return replace(self.config, name="destination", holds=held).with_incoming(*incoming)
+
+    # -- holding (emulated backend, when stepping) ---------------------------------------------------------
+    def _hold(self, m: Machine, *points: str) -> None:
+        if self.stepping:
+            m.cmd("x-labkit-hold", {"points": list(points)})
+
+    def _wait_held(self, m: Machine, point: str) -> None:
+        if self.stepping and self.error is None:
+            self._wait_for(
+                lambda: m.cmd("x-labkit-hold", timeout=10)["held-at"] == point or self._src_ended(),
+                f"the {m.config.name} to reach '{point}'",
+                m,
+            )
+
+    def _continue(self, m: Machine, point: str) -> None:
+        if self.stepping and self.error is None:
+            with contextlib.suppress(QMPCommandError):
+                m.cmd("x-labkit-continue", {"point": point})
+
+    def _src_ended(self) -> bool:
+        st = self.src.cmd("query-migrate", timeout=10).get("status")
+        if st in ("failed", "cancelled"):
+            return True
+        return False
 
     def _start_destination_cpr(self) -> None:
         main = "defer" if self.defer else f"unix:{self.main_path}"
         cpr = {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": self.cpr_path}}
-        self.dst = self._spawn(self._dest_config(main, cpr), connect=False)
+        self.dst = self._spawn(self._dest_config(main, cpr, holds=("cpr-load", "loaded")), connect=False)
         self._wait_for(
             lambda: os.path.exists(self.cpr_path), "the destination to listen on the cpr channel", self.dst
         )
 
     def _start_destination_normal(self) -> None:
         main = "defer" if self.defer else f"unix:{self.main_path}"
-        self.dst = self._spawn(self._dest_config(main))
+        self.dst = self._spawn(self._dest_config(main, holds=("loaded",)))
         self.dst.cmd(
             "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": self.events_cap}]}
         )
@@ -280,6 +310,7 @@ class Lab:
         return True
 
     def _migrate_cpr_transfer(self) -> None:
+        self._hold(self.src, "cpr-hup", "main-connected")
         channels = [
             {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": self.main_path}},
             {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": self.cpr_path}},
@@ -289,6 +320,8 @@ class Lab:
     def _connect_destination(self) -> None:
         """cpr-transfer: the destination's monitor exists only once it has loaded CPR state."""
         assert self.dst is not None
+        if self.stepping and self.error is None:
+            os.kill(self.dst.pid, signal.SIGUSR1)  # no monitor yet: a signal lets it read the CPR state
         try:
             self.dst.connect(self.timeout)
         except (QMPTimeout, ConnectionError) as e:
@@ -296,15 +329,25 @@ class Lab:
             return
         if self.defer:
             self.dst.cmd("migrate-incoming", {"uri": f"unix:{self.main_path}"})
+        self._wait_held(self.src, "cpr-hup")
 
     def _wait_source_stopped(self) -> None:
-        self._wait_status(("active", "device", "completed", "failed", "cancelled"))
+        self._continue(self.src, "cpr-hup")
+        self._wait_held(self.src, "main-connected")
+        if not self.stepping:
+            self._wait_status(("active", "device", "completed", "failed", "cancelled"))
 
     def _wait_device_sent(self) -> None:
+        self._continue(self.src, "switchover")
+        self._continue(self.src, "main-connected")
         self._wait_status(("completed", "failed", "cancelled"))
+        if self.dst is not None:
+            self._wait_held(self.dst, "loaded")
 
     def _wait_completed(self) -> None:
         self._wait_status(("completed", "failed", "cancelled"))
+        if self.dst is not None:
+            self._continue(self.dst, "loaded")
         if self.error is None and self.dst is not None:
             self._wait_for(lambda: self._dst_done(), "the destination to finish loading", self.dst)
 
@@ -313,8 +356,10 @@ class Lab:
         return st.get("status") in ("completed", "failed")
 
     def _migrate_normal(self) -> None:
+        self._hold(self.src, "switchover")
         if self._migrate({"uri": f"unix:{self.main_path}"}):
             self._wait_status(("active", "device", "completed", "failed", "cancelled"))
+            self._wait_held(self.src, "switchover")
 
     def _migrate_cpr_reboot(self) -> None:
         if self._migrate({"uri": f"file:{self.file_path}"}):
@@ -400,7 +445,12 @@ class Lab:
                 state = "(exited)"
             snap.states[side] = state
             if m is not None and m.alive():
-                snap.fds[side] = [f.__dict__ for f in read_fds(m.pid) if f.kind == "memfd"]
+                # Python's mmap keeps a dup of each fd it maps: show one row per memfd (per inode)
+                seen: dict[int, dict] = {}
+                for f in read_fds(m.pid):
+                    if f.kind == "memfd" and f.inode not in seen:
+                        seen[f.inode] = {"fd": f.fd, "name": f.memfd_name, "inode": f.inode, "size": f.size}
+                snap.fds[side] = list(seen.values())
                 snap.mappings += self._block_mappings(side, m)
         lab = snap.migration.get("source", {}).get("x-labkit", {})
         transferred = snap.migration.get("source", {}).get("ram", {}).get("transferred", 0)

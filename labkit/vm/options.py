@@ -49,6 +49,9 @@ class MachineOptions:
     serial_file: str | None = None
     guest: GuestConfig = field(default_factory=GuestConfig)
     accel: str | None = None
+    holds: set[str] = field(
+        default_factory=set
+    )  # -x-hold: named points where migration waits for x-labkit-continue
 
 
 # Options that take an argument, and those that do not (system/vl.c's QEMU_OPTION_* table, lab subset).
@@ -64,6 +67,7 @@ _WITH_ARG = {
     "accel",
     "serial",
     "x-guest",
+    "x-hold",
     "kernel",
     "append",
     "cpu",
@@ -266,6 +270,13 @@ def _apply(opts: MachineOptions, name: str, value: str) -> None:
         _incoming(opts, value)
     elif name == "x-guest":
         _guest(opts, value)
+    elif name == "x-hold":
+        from labkit.vm.migration.migration import HOLD_POINTS
+
+        for point in filter(None, value.split(",")):
+            if point not in HOLD_POINTS:
+                raise OptionError(f"unknown hold point '{point}' (known: {', '.join(HOLD_POINTS)})")
+            opts.holds.add(point)
     elif name == "serial":
         if value.startswith("file:"):
             opts.serial_file = value[5:]

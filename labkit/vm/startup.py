@@ -8,6 +8,7 @@ device initialization code"). Any error here is fatal: the process prints one li
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from labkit.vm.memory import MemoryError_, ram_blocks_create
@@ -22,10 +23,18 @@ def _error(message: str) -> int:
     return 1
 
 
-def cpr_state_load_from_cmdline(raw: str):
-    """Block on the cpr channel until the source sends CPR state; return (socket, {name: fd})."""
+def cpr_state_load_from_cmdline(raw: str, hold: bool = False):
+    """Block on the cpr channel until the source sends CPR state; return (socket, {name: fd}).
+
+    With the lab's "cpr-load" hold, the connection is accepted but nothing is read until SIGUSR1: the fds
+    sit in the socket, in flight, for a learner to look at. There is no monitor yet to send a command to.
+    """
     _, channel = parse_incoming_option(raw)
     sock = cpr_transfer_input(channel)
+    if hold:
+        print(f"{PROG}: holding at cpr-load: CPR state not read yet (send SIGUSR1 to go on)", flush=True)
+        signal.sigwait({signal.SIGUSR1})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
     try:
         fds = cpr_state_load(sock)
     except BaseException:
@@ -50,8 +59,11 @@ def qemu_init(argv: list[str]) -> VM | int:
         return _error(str(e))
     cpr_sock, cpr_fds = None, {}
     if opts.incoming.get("cpr"):
+        hold = "cpr-load" in opts.holds
+        if hold:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # before listening: none can be lost
         try:
-            cpr_sock, cpr_fds = cpr_state_load_from_cmdline(opts.incoming["cpr"])
+            cpr_sock, cpr_fds = cpr_state_load_from_cmdline(opts.incoming["cpr"], hold)
         except (CprError, OSError, ValueError) as e:
             return _error(f"cpr_state_load: {e}")
     try:

@@ -74,6 +74,15 @@ CAPABILITIES = (
     "zero-copy-send",
 )
 ACTIVE = ("setup", "active", "device", "pre-switchover", "cancelling")
+# Where a migration can be held so a learner can look at both processes mid-way (x-labkit, generalising
+# QEMU's pause-before-switchover + migrate-continue to named points). Each waits for x-labkit-continue.
+HOLD_POINTS = {
+    "cpr-load": "destination: CPR state is in its socket, not yet read (no monitor yet: continue with SIGUSR1)",
+    "cpr-hup": "source: the destination hung up the cpr channel; the main channel is not connected yet",
+    "switchover": "source: pre-copy converged; the guest is about to stop for stop-and-copy",
+    "main-connected": "source: main channel connected (CPR modes: guest stopped); nothing sent on it yet",
+    "loaded": "destination: the whole stream is loaded; the guest is about to resume",
+}
 CPR_INCOMPATIBLE = {
     "postcopy-ram": "postcopy",
     "background-snapshot": "background snapshot",
@@ -110,6 +119,10 @@ class MigrationState:
         self.incoming_stats: dict = {}
         self._incoming_listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
+        self.holds: set[str] = set(vm.opts.holds)
+        self.held_at: str | None = None
+        self._hold_cv = threading.Condition()
+        self._closing = False
 
     def _reset_outgoing(self) -> None:
         self.status = "none"
@@ -124,6 +137,7 @@ class MigrationState:
         self.continue_event = threading.Event()
         self.vm_was_running = False
         self.main_channel: MigrationChannel | None = None
+        self._out: QEMUFileOut | None = None
 
     # -- QMP ---------------------------------------------------------------------------------------------
     def register_commands(self, m: Monitor) -> None:
@@ -151,6 +165,39 @@ class MigrationState:
         m.register("migrate_cancel", self.qmp_migrate_cancel)
         m.register("migrate-continue", self.qmp_migrate_continue, {"state": "str"})
         m.register("query-migrate", self.qmp_query_migrate)
+        m.register("x-labkit-hold", self.qmp_hold, {"*points": "list"})
+        m.register("x-labkit-continue", self.qmp_continue, {"*point": "str"})
+
+    # -- hold points (lab extension) ----------------------------------------------------------------------
+    def qmp_hold(self, args: dict) -> dict:
+        """Set the points to hold at (when "points" is given); answer where we hold now."""
+        if "points" in args:
+            unknown = [p for p in args["points"] if p not in HOLD_POINTS]
+            if unknown:
+                raise QMPError(f"unknown hold point '{unknown[0]}' (known: {', '.join(HOLD_POINTS)})")
+            self.holds = set(args["points"])
+        return {"points": sorted(self.holds), "held-at": self.held_at}
+
+    def qmp_continue(self, args: dict) -> None:
+        point = args.get("point", self.held_at)
+        with self._hold_cv:
+            if self.held_at is None or point != self.held_at:
+                raise QMPError(f"Migration is not held at '{point}' (held at: {self.held_at or 'nothing'})")
+            self.held_at = None
+            self._hold_cv.notify_all()
+
+    def hold(self, point: str) -> None:
+        """Wait at a named point until x-labkit-continue (or cancel, or quit), if asked to hold there."""
+        if point not in self.holds:
+            return
+        with self._hold_cv:
+            self.held_at = point
+            while self.held_at == point and not self.cancelled.is_set() and not self._closing:
+                self._hold_cv.wait(0.1)
+            if self.held_at == point:
+                self.held_at = None
+        if self.cancelled.is_set() and point != "loaded":
+            raise MigrationCancelled()
 
     def qmp_set_parameters(self, args: dict) -> None:
         if self.active():
@@ -293,11 +340,18 @@ class MigrationState:
     def migration_thread(self) -> None:
         mode = self.mode()
         try:
+            if mode == "cpr-transfer":
+                self.hold("cpr-hup")
+        except MigrationCancelled:
+            self._cancelled()
+            return
+        try:
             sink = migration_connect(self.main_channel, timeout=10)
         except (OSError, ValueError) as e:
             self._fail(str(e))
             return
         f = QEMUFileOut(sink, rate_limit=RateLimiter(self.params["max-bandwidth"], self.cancelled))
+        self._out = f  # query-migrate reads its byte count while the thread runs
         try:
             self._save(f, mode)
         except MigrationCancelled:
@@ -321,6 +375,7 @@ class MigrationState:
         blocks = [b for b in self.vm.ram if not migrate_ram_is_ignored(b, mode, ignore_shared)]
         if mode != "normal":
             self._stop_vm()  # CPR stops the guest before any state is saved (migration_connect)
+        self.hold("main-connected")
         qemu_savevm_state_header(f)
         ram_save_setup(f, [(b.idstr, b.size) for b in blocks])
         for b in blocks:
@@ -332,6 +387,7 @@ class MigrationState:
         self._set_status("active")
         if mode == "normal":
             self._precopy_iterate(f, ram)
+            self.hold("switchover")
             self._stop_vm()
         # completion (migration_completion_precopy)
         if self.caps["pause-before-switchover"]:
@@ -448,9 +504,10 @@ class MigrationState:
         if self.error_desc:
             out["error-desc"] = self.error_desc
         out["x-labkit"] = {
-            "bytes-main": self.bytes_main,
+            "bytes-main": self._out.bytes_sent if self._out is not None else self.bytes_main,
             "bytes-cpr": self.bytes_cpr,
             "mode": self.mode(),
+            "held-at": self.held_at,
             "pages-per-pass": list(self.stats.pages_per_pass),
         }
         return out
@@ -536,6 +593,7 @@ class MigrationState:
                 "duplicate": stats.zero_pages,
                 "transferred": stats.bytes,
             }
+            self.hold("loaded")
         except (OSError, StreamError, QMPError, ValueError) as e:
             self.incoming_error = f"load of migration failed: {e}"
             self._set_incoming_status("failed")
@@ -587,6 +645,7 @@ class MigrationState:
         self._set_incoming_status("completed")
 
     async def close(self) -> None:
+        self._closing = True
         self.cancelled.set()
         self._close_cpr_out()
         self.cpr_state_close()

@@ -84,35 +84,58 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: migrate the same guest with each mode, side by side, and say what it shows."""
+    """The main job: migrate the same guest with each mode, side by side, and draw what happened."""
+    import os
+
+    from labkit import plots
     from labkit.lab import migrate
+    from labkit.results import concat
 
     rows = []
-    for mode in ("normal", "cpr-reboot", "cpr-transfer"):
+    for mode in ("cpr-transfer", "normal", "cpr-reboot"):
         kw = _lab_kwargs(args)
         kw["mode"] = mode
         print(
             f"-- {mode}: migrating a {args.ram >> 20} MiB guest that writes {args.dirty_rate >> 20} MiB/s ...",
             flush=True,
         )
-        r = migrate(**kw)
-        print(r.summary(), flush=True)
-        rows.append(r)
-    print("\nmode           status     pause(reported) pause(STOP->RESUME) pause(guest)  main bytes")
+        rows.append(migrate(**kw))
+    print()
+    print(
+        f"{'mode':13s} {'status':10s} {'pause: reported':>16s} {'STOP->RESUME':>13s} {'guest-seen':>11s} "
+        f"{'total':>9s} {'main bytes':>12s} {'cpr bytes':>10s}  verified"
+    )
+
+    def ms(v):
+        return "n/a" if v is None else f"{v:.2f} ms"
+
     for r in rows:
         p = r.pause_ms
-
-        def f(v):
-            return "     n/a" if v is None else f"{v:8.2f}"
-
         print(
-            f"{r.mode:14s} {r.status:10s} {f(p['reported'])} ms     {f(p['events'])} ms       "
-            f"{f(p['guest'])} ms  {r.bytes['main']}"
+            f"{r.mode:13s} {r.status:10s} {ms(p['reported']):>16s} {ms(p['events']):>13s} {ms(p['guest']):>11s} "
+            f"{ms(r.total_ms):>9s} {r.bytes['main'] or 0:>12d} {r.bytes['cpr'] or 0:>10d}  {r.guest_verified}"
         )
+        if r.error:
+            print(f"  {r.mode}: {r.error}")
+    os.makedirs(args.out, exist_ok=True)
+    figures = {}
+    for r in rows:
+        figures[f"timeline-{r.mode}.png"] = plots.plot_timeline(r)
+        figures[f"address-space-{r.mode}.png"] = plots.plot_address_space(r.mappings, f"{r.mode}: guest RAM")
+    normal = next(r for r in rows if r.mode == "normal")
+    figures["passes-normal.png"] = plots.plot_passes(normal)
+    frame = concat(rows)
+    frame.to_csv(os.path.join(args.out, "results.csv"), index=False)
+    for name, fig in figures.items():
+        fig.savefig(os.path.join(args.out, name), dpi=110)
+    print(f"\nwrote {len(figures)} figures and results.csv into {os.path.abspath(args.out)}/")
     print(
-        "\ncpr-transfer hands the guest's memfds to the new process: its main channel carries device state only,"
+        "cpr-transfer hands the guest's memfds to the new process: its main channel carries device state only,"
     )
-    print("so its pause does not grow with RAM; normal pre-copy copies every page, pass after pass.")
+    print(
+        "so its pause does not grow with RAM; normal pre-copy copies every page, pass after pass, and cpr-reboot"
+    )
+    print("pays for saving to a file and starting a new process.")
     return 0 if all(r.status == "completed" for r in rows) else 1
 
 
@@ -139,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_migrate)
     demo = sub.add_parser("demo", help="the three modes side by side on one guest")
     _migration_args(demo)
+    demo.add_argument("--out", default="labkit-demo", help="folder for the PNG figures and results.csv")
     demo.set_defaults(func=cmd_demo, ram=256 << 20, dirty_rate=64 << 20)
     c = sub.add_parser("cpr-inspect", help="listen on a unix socket, receive CPR state, print its fields")
     c.add_argument("path")

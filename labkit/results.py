@@ -39,6 +39,7 @@ class Result:
     mode: str
     ram_bytes: int
     status: str
+    dirty_rate: int = 0
     error: str | None = None
     pause_ms: dict[str, float | None] = field(
         default_factory=lambda: {"reported": None, "events": None, "guest": None}
@@ -61,10 +62,61 @@ class Result:
         return asdict(self)
 
     def timeline_frame(self):
-        """The timeline as a pandas DataFrame (t_ms, side, kind, detail)."""
+        """The timeline as a pandas DataFrame (t_ms, side, kind, detail), on the host's CLOCK_MONOTONIC."""
         import pandas as pd
 
         return pd.DataFrame([asdict(r) for r in self.timeline], columns=["t_ms", "side", "kind", "detail"])
+
+    def phase_durations(self):
+        """How long each lab phase lasted (ms): from its start mark to the next one, or the last event."""
+        import pandas as pd
+
+        starts = [r for r in self.timeline if r.side == "lab" and r.kind == "phase"]
+        end = max((r.t_ms for r in self.timeline), default=0.0)
+        rows = []
+        for i, r in enumerate(starts):
+            stop = starts[i + 1].t_ms if i + 1 < len(starts) else end
+            rows.append({"phase": r.detail, "start_ms": r.t_ms, "duration_ms": round(stop - r.t_ms, 3)})
+        return pd.DataFrame(rows, columns=["phase", "start_ms", "duration_ms"])
+
+    def flat(self) -> dict[str, Any]:
+        """One flat row: the scalar fields of `labkit migrate --json`, nested ones joined with '_'."""
+        row: dict[str, Any] = {}
+        for key, value in self.to_dict().items():
+            if key in ("mappings", "timeline", "query_migrate", "verify", "notes", "pages_per_pass"):
+                continue
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    row[f"{key}_{k}"] = v
+            else:
+                row[key] = value
+        row["pages_per_pass"] = " ".join(map(str, self.pages_per_pass))
+        return row
+
+    def to_frame(self):
+        """One row with the same fields as `labkit migrate --json`, flattened (pause_ms_reported, bytes_main, ...)."""
+        import pandas as pd
+
+        return pd.DataFrame([self.flat()])
+
+
+def concat(results):
+    """Many Results (or frames) as one DataFrame, one row each."""
+    import pandas as pd
+
+    frames = [r.to_frame() if isinstance(r, Result) else r for r in results]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def to_csv(frame, path) -> None:
+    frame.to_csv(path, index=False)
+
+
+def read_csv(path):
+    """Read a results CSV back (written by to_csv or `labkit bench`)."""
+    import pandas as pd
+
+    return pd.read_csv(path, comment="#")
 
     def mappings_frame(self):
         import pandas as pd

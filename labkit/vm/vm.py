@@ -38,6 +38,7 @@ class VM:
         self.runstate = rs.RunState(rs.INMIGRATE if incoming else rs.PRELAUNCH)
         self.autostart = not opts.start_paused
         self.monitor = Monitor(package=f"labkit-vm {__version__}")
+        self.last_quiesce_ns: int | None = None
         self.events: list[dict] = []  # every event this VM emitted, with CLOCK_MONOTONIC ns, for the timeline
         self.monitor.add_event_listener(self._record_event)
         self.migration = MigrationState(self)
@@ -63,7 +64,9 @@ class VM:
         """do_vm_stop(): quiesce the vCPU, then STOP; returns whether the VM was running."""
         was_running = self.runstate.running
         if was_running:
+            t0 = time.monotonic_ns()
             self.vcpu.pause()
+            self.last_quiesce_ns = time.monotonic_ns() - t0  # how long the vCPU took to finish its slice
             self.runstate.set(new_state)
             self.emit("STOP")
         else:
@@ -133,6 +136,7 @@ class VM:
 
     def qmp_guest_stats(self, args: dict) -> dict:
         stats = self.guest.stats()
+        stats["last-stop-quiesce-ns"] = self.last_quiesce_ns
         if args.get("reset-gap"):
             with self.vcpu.lock:
                 self.guest.reset_gap()

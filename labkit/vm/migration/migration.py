@@ -509,6 +509,8 @@ class MigrationState:
             "mode": self.mode(),
             "held-at": self.held_at,
             "pages-per-pass": list(self.stats.pages_per_pass),
+            "bytes-per-pass": list(self.stats.bytes_per_pass),
+            "seconds-per-pass": [round(x, 6) for x in self.stats.seconds_per_pass],
         }
         return out
 

@@ -45,6 +45,8 @@ class RAMStats:
     precopy_bytes: int = 0
     downtime_bytes: int = 0
     pages_per_pass: list[int] = field(default_factory=list)
+    bytes_per_pass: list[int] = field(default_factory=list)
+    seconds_per_pass: list[float] = field(default_factory=list)
 
     def to_qmp(self) -> dict:
         return {
@@ -128,6 +130,7 @@ class RAMState:
     def save_dirty(self, f: QEMUFileOut, downtime: bool, cancelled: threading.Event) -> int:
         """Send every page marked in the migration bitmaps, as runs; clear the bits as they go. Returns pages."""
         sent_pages = 0
+        t0, b0 = time.monotonic(), f.bytes_sent
         for b in self.blocks:
             bm = self.bitmaps[b.idstr]
             idx = np.flatnonzero(bm)
@@ -150,7 +153,10 @@ class RAMState:
                     self._count(f.bytes_sent - before, normal, zero, downtime)
                     self.stats.remaining = max(0, self.stats.remaining - (last - first) * PAGE_SIZE)
                     sent_pages += last - first
+        f.flush()
         self.stats.pages_per_pass.append(sent_pages)
+        self.stats.bytes_per_pass.append(f.bytes_sent - b0)
+        self.stats.seconds_per_pass.append(time.monotonic() - t0)
         return sent_pages
 
     def _count(self, nbytes: int, normal: int, zero: int, downtime: bool) -> None:

@@ -7,6 +7,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    sys.setswitchinterval(0.0002)  # hand the GIL over quickly: the migration thread must not wait 5 ms for it
     from labkit.vm.startup import qemu_init
 
     args = sys.argv[1:] if argv is None else argv

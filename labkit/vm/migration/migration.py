@@ -118,7 +118,9 @@ class MigrationState:
         self.incoming_error: str | None = None
         self.incoming_stats: dict = {}
         self._incoming_listener: socket.socket | None = None
+        self._incoming_conn: socket.socket | None = None  # shut down on quit so a blocked load wakes up
         self._threads: list[threading.Thread] = []
+        self.checkpoints: list[tuple[str, int]] = []
         self.holds: set[str] = set(vm.opts.holds)
         self.held_at: str | None = None
         self._hold_cv = threading.Condition()
@@ -138,6 +140,7 @@ class MigrationState:
         self.vm_was_running = False
         self.main_channel: MigrationChannel | None = None
         self._out: QEMUFileOut | None = None
+        self._sink = None  # the main channel, so that cancel can shut it down under a blocked write
 
     # -- QMP ---------------------------------------------------------------------------------------------
     def register_commands(self, m: Monitor) -> None:
@@ -352,11 +355,17 @@ class MigrationState:
             return
         f = QEMUFileOut(sink, rate_limit=RateLimiter(self.params["max-bandwidth"], self.cancelled))
         self._out = f  # query-migrate reads its byte count while the thread runs
+        self._sink = sink
+        if self.cancelled.is_set():  # cancelled while connecting: nobody shut this channel down yet
+            self._shutdown_sink()
         try:
             self._save(f, mode)
         except MigrationCancelled:
             self._cancelled()
         except (OSError, StreamError) as e:
+            if self.cancelled.is_set():  # migrate_cancel shut the channel down under a blocked write
+                self._cancelled()
+                return
             text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             self._fail(f"Unable to write to socket: {text}" if isinstance(e, OSError) else text)
         finally:
@@ -364,10 +373,16 @@ class MigrationState:
             with contextlib.suppress(OSError):
                 sink.close()
 
+    def checkpoint(self, name: str) -> None:
+        """QEMU's vmstate_downtime_checkpoint trace points, kept on CLOCK_MONOTONIC for the lab's timeline."""
+        self.checkpoints.append((name, time.monotonic_ns()))
+
     def _stop_vm(self) -> None:
         """migration_stop_vm(): the guest pauses here; the downtime clock starts."""
         self.t_stop = time.monotonic()
+        self.checkpoint("src-downtime-start")
         self.vm_was_running = self.vm.vm_stop(rs.FINISH_MIGRATE)
+        self.checkpoint("src-vm-stopped")
         self.vm.global_state.runstate = rs.RUNNING if self.vm_was_running else rs.PAUSED
 
     def _save(self, f: QEMUFileOut, mode: str) -> None:
@@ -401,15 +416,18 @@ class MigrationState:
         f.rate_limit = None  # the guest is stopped: send the rest at full speed (downtime)
         ram.save_dirty(f, downtime=True, cancelled=self.cancelled)
         ram_save_iterate_end(f)
+        self.checkpoint("src-iterable-saved")
         for dev in self.vm.devices:
             data = dev.save()
             qemu_save_device_state(f, dev.name, 0, dev.version, data)
             self.stats.downtime_bytes += len(data)
         qemu_savevm_state_end(f)
         f.flush()
+        self.checkpoint("src-non-iterable-saved")
         self.stats.remaining = 0
         self.t_end = time.monotonic()
         self.vm.runstate.set(rs.POSTMIGRATE)
+        self.checkpoint("src-downtime-end")
         self._set_status("completed")
 
     def _precopy_iterate(self, f: QEMUFileOut, ram: RAMState) -> None:
@@ -471,6 +489,14 @@ class MigrationState:
             return
         self._set_status("cancelling")
         self.cancelled.set()
+        self._shutdown_sink()
+
+    def _shutdown_sink(self) -> None:
+        """migration_cancel() -> qemu_file_shutdown(): wake a write blocked on a peer that stopped reading."""
+        sink = self._sink
+        if isinstance(sink, socket.socket):
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_RDWR)
 
     def qmp_migrate_continue(self, args: dict) -> None:
         if args["state"] != "pre-switchover" or self.status != "pre-switchover":
@@ -479,7 +505,10 @@ class MigrationState:
 
     def qmp_query_migrate(self, args: dict) -> dict:
         if self.status == "none" and self.incoming_status != "none":
-            out: dict = {"status": self.incoming_status}
+            out: dict = {
+                "status": self.incoming_status,
+                "x-labkit": {"checkpoints": [{"name": n, "monotonic-ns": t} for n, t in self.checkpoints]},
+            }
             if self.incoming_error:
                 out["error-desc"] = self.incoming_error
             if self.incoming_stats:
@@ -508,6 +537,7 @@ class MigrationState:
             "bytes-cpr": self.bytes_cpr,
             "mode": self.mode(),
             "held-at": self.held_at,
+            "checkpoints": [{"name": n, "monotonic-ns": t} for n, t in self.checkpoints],
             "pages-per-pass": list(self.stats.pages_per_pass),
             "bytes-per-pass": list(self.stats.bytes_per_pass),
             "seconds-per-pass": [round(x, 6) for x in self.stats.seconds_per_pass],
@@ -580,6 +610,8 @@ class MigrationState:
                 conn, _ = source.accept()
                 source.close()
                 self._incoming_listener = None
+                self._incoming_conn = conn
+            self.checkpoint("dst-accepted")
             self._set_incoming_status("active")
             for b in self.vm.ram:
                 if not b.reused and b.kind != "file":
@@ -589,14 +621,20 @@ class MigrationState:
                 ram=self._incoming_ram,
                 on_device=self._load_device,
                 on_ram_blocks=self._check_ram_blocks,
+                zero_page_needs_write=self._zero_page_needs_write,
             )
             self.incoming_stats = {
                 "normal": stats.normal_pages,
                 "duplicate": stats.zero_pages,
                 "transferred": stats.bytes,
             }
+            self.checkpoint("dst-precopy-loadvm-completed")
             self.hold("loaded")
         except (OSError, StreamError, QMPError, ValueError) as e:
+            if (
+                self._closing
+            ):  # `quit` (or SIGTERM) while waiting or loading: an exit asked for, not a failure
+                return
             self.incoming_error = f"load of migration failed: {e}"
             self._set_incoming_status("failed")
             self.vm.fatal(self.incoming_error)
@@ -605,6 +643,11 @@ class MigrationState:
             with contextlib.suppress(OSError):
                 conn.close()
         self.process_incoming_migration_bh()
+
+    def _zero_page_needs_write(self, name: str) -> bool:
+        """A fresh mapping is already zero (QEMU skips those writes too); a file or adopted memory may not be."""
+        block = self.vm.ram.find(name)
+        return block is None or block.kind == "file" or block.reused
 
     def _incoming_ram(self, name: str) -> memoryview:
         block = self.vm.ram.find(name)
@@ -638,9 +681,11 @@ class MigrationState:
 
     def process_incoming_migration_bh(self) -> None:
         """Resume if the source was running and -S was not given; then report completed (QEMU's order)."""
+        self.checkpoint("dst-precopy-bh-enter")
         self.vm.guest.block.dirty[:] = 0
         if self.vm.global_state.runstate == rs.RUNNING and self.vm.autostart:
             self.vm.vm_start()
+            self.checkpoint("dst-vm-started")
         else:
             self.vm.runstate.set(rs.PAUSED)
         self.incoming_mode = None  # migration_incoming_state_destroy(): back to MIG_MODE_NONE
@@ -649,11 +694,15 @@ class MigrationState:
     async def close(self) -> None:
         self._closing = True
         self.cancelled.set()
+        self._shutdown_sink()  # a migration thread blocked writing to a peer that stopped reading
         self._close_cpr_out()
         self.cpr_state_close()
         if self._incoming_listener is not None:
             with contextlib.suppress(OSError):
                 self._incoming_listener.shutdown(socket.SHUT_RDWR)
             self._incoming_listener.close()
+        if self._incoming_conn is not None:
+            with contextlib.suppress(OSError):
+                self._incoming_conn.shutdown(socket.SHUT_RDWR)
         for t in self._threads:
             await asyncio.get_running_loop().run_in_executor(None, t.join, 2)

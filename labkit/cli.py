@@ -139,6 +139,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if all(r.status == "completed" for r in rows) else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import os
+    import shlex
+
+    from labkit.bench import BenchPlan, format_report, run_bench, write_csv
+
+    backends = args.backend or ["emulated", "qemu"]
+    plan = BenchPlan.quick(backends) if args.quick else BenchPlan(backends=backends)
+    if args.ram:
+        plan.rams = args.ram
+    if args.dirty_rate:
+        plan.dirty_rates = args.dirty_rate
+    if args.mode:
+        plan.modes = args.mode
+    if args.reps:
+        plan.reps = args.reps
+    report = run_bench(plan, show_progress=not args.json)
+    command = "labkit bench " + " ".join(shlex.quote(a) for a in args.argv)
+    if args.csv:
+        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+        write_csv(report, args.csv, command)
+    if args.json:
+        print(json.dumps(report, default=str))
+    else:
+        print(format_report(report))
+        if args.csv:
+            print(f"wrote {args.csv}")
+    return 0
+
+
 def cmd_cpr_inspect(args: argparse.Namespace) -> int:
     from labkit.vm.migration.cpr import main as cpr_main
 
@@ -164,6 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
     _migration_args(demo)
     demo.add_argument("--out", default="labkit-demo", help="folder for the PNG figures and results.csv")
     demo.set_defaults(func=cmd_demo, ram=256 << 20, dirty_rate=64 << 20)
+    b = sub.add_parser("bench", help="migration costs side by side, against the machine's ceilings")
+    b.add_argument("--quick", action="store_true", help="a small matrix that finishes in about two minutes")
+    b.add_argument(
+        "--backend", action="append", choices=["emulated", "qemu"], help="repeatable; default both"
+    )
+    b.add_argument("--mode", action="append", choices=["normal", "cpr-reboot", "cpr-transfer"])
+    b.add_argument("--ram", action="append", type=_ram, help="repeatable RAM sizes")
+    b.add_argument("--dirty-rate", action="append", type=_size, help="repeatable dirty rates")
+    b.add_argument("--reps", type=int, default=None, help="repetitions per cell")
+    b.add_argument("--csv", default=None, help="write the per-cell summary here (e.g. data/bench.csv)")
+    b.add_argument(
+        "--json", action="store_true", help="print one JSON object with every figure and the ratios"
+    )
+    b.set_defaults(func=cmd_bench)
     c = sub.add_parser("cpr-inspect", help="listen on a unix socket, receive CPR state, print its fields")
     c.add_argument("path")
     c.add_argument("--timeout", type=float, default=None)
@@ -175,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 

@@ -487,6 +487,9 @@ class Lab:
         res.bytes = {"main": lab.get("bytes-main", ram.get("transferred", 0)), "cpr": lab.get("bytes-cpr")}
         res.pages_per_pass = lab.get("pages-per-pass", [])
         res.throughput_mbps = ram.get("mbps")
+        bpp, spp = lab.get("bytes-per-pass", []), lab.get("seconds-per-pass", [])
+        if self.mode == "normal" and bpp and spp and spp[0] > 0:
+            res.first_pass_bytes_per_s = round(bpp[0] / spp[0], 1)
         src_events = _events_of(self.ops, self.src) if src_alive else getattr(self, "src_events", [])
         dst_events = _events_of(self.ops, self.dst)
         stop = next((e for e in src_events if e.get("event") == "STOP"), None)

@@ -180,14 +180,15 @@ class VM:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.add_signal_handler(sig, self.quit_requested.set)
         self.vcpu.start()
-        if self.runstate.state == rs.INMIGRATE:
-            main = self.opts.incoming.get("main")
-            # Listen on main before the monitor opens, so that a client that sees the monitor can migrate to
-            # us; with -incoming defer, migrate-incoming starts it (and closes the cpr channel then).
-            if main is not None:
-                await self.migration.start_incoming_from_cmdline(main)
         for path in self.opts.qmp:
             await self.monitor.serve_unix(path)
+        if self.runstate.state == rs.INMIGRATE:
+            main = self.opts.incoming.get("main")
+            # QEMU's order: monitor, then incoming (qmp_x_exit_preconfig). No await stands between the two, so
+            # no client is greeted before we listen on main. With -incoming defer, migrate-incoming starts it
+            # (and closes the cpr channel then).
+            if main is not None:
+                await self.migration.start_incoming_from_cmdline(main)
         if self.runstate.state == rs.PRELAUNCH and self.autostart:
             self.vm_start()
         await self.quit_requested.wait()

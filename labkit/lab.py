@@ -171,22 +171,30 @@ class Lab:
 
     # -- stepping ----------------------------------------------------------------------------------------
     def step(self) -> Snapshot:
-        """Run exactly one phase and return a Snapshot of both sides; StopIteration after the last one."""
+        """Run exactly one phase and return a Snapshot of both sides; StopIteration after the last one.
+
+        Stepping from the start holds both processes at each phase boundary (emulated backend), so what a
+        Snapshot shows is where the migration really is; the pause then includes the time spent looking.
+        """
         if self.index >= len(self._actions):
             raise StopIteration("the migration has no phases left")
         if self.index == 0:
             self.stepping = self.can_hold
+        phase = self._advance()
+        return self.snapshot(phase)
+
+    def _advance(self) -> str:
         phase = self.phases[self.index]
         self.mark("lab", "phase", phase)
         if self.error is None:
             self._actions[self.index]()
         self.index += 1
-        return self.snapshot(phase)
+        return phase
 
     def run(self) -> Result:
-        """Run the phases that remain and return the Result."""
+        """Run the phases that remain and return the Result (without holds, unless stepping began them)."""
         while self.index < len(self._actions):
-            self.step()
+            self._advance()
         if self.result is None:
             self.result = self._collect()
         return self.result
@@ -383,7 +391,10 @@ class Lab:
             self.error = message
             self.mark("lab", "error", message)
 
-    def _wait_for(self, cond: Callable[[], bool], what: str, m: Machine | None) -> None:
+    def _wait_for(self, cond: Callable[[], bool], what: str, m: Machine | None, interval: float = 0.02,
+                  nap: Callable[[float], None] = time.sleep) -> None:
+        """Poll cond() until it holds. Polling is gentle (20 ms): every QMP round trip costs both processes
+        CPU that a 2-core machine would otherwise give to the migration being measured."""
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if m is not None and not m.alive():
@@ -394,7 +405,7 @@ class Lab:
                     return
             except (QMPCommandError, QMPTimeout, ConnectionError):
                 pass
-            time.sleep(0.005)
+            nap(interval)
         self._failed(f"timed out after {self.timeout} s waiting for {what}")
 
     def _wait_status(self, statuses: tuple[str, ...]) -> None:
@@ -406,7 +417,15 @@ class Lab:
             info.update(self.src.cmd("query-migrate", timeout=10))
             return info.get("status") in statuses
 
-        self._wait_for(reached, f"migration status {'/'.join(statuses)}", self.src)
+        def nap(seconds: float) -> None:
+            # with the events capability on, a MIGRATION event wakes us at once; the poll is the fallback
+            seen = len(self.src.events)
+            try:
+                self.src.qmp.wait_event("MIGRATION", timeout=seconds * 5, after=seen)
+            except QMPTimeout:
+                pass
+
+        self._wait_for(reached, f"migration status {'/'.join(statuses)}", self.src, nap=nap)
         if info.get("status") in ("failed", "cancelled"):
             self._failed(info.get("error-desc") or f"migration {info.get('status')}")
 

@@ -100,25 +100,6 @@ class Result:
 
         return pd.DataFrame([self.flat()])
 
-
-def concat(results):
-    """Many Results (or frames) as one DataFrame, one row each."""
-    import pandas as pd
-
-    frames = [r.to_frame() if isinstance(r, Result) else r for r in results]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def to_csv(frame, path) -> None:
-    frame.to_csv(path, index=False)
-
-
-def read_csv(path):
-    """Read a results CSV back (written by to_csv or `labkit bench`)."""
-    import pandas as pd
-
-    return pd.read_csv(path, comment="#")
-
     def mappings_frame(self):
         import pandas as pd
 
@@ -154,3 +135,22 @@ def read_csv(path):
 
     def notes_block(self) -> str:
         return next((m.block for m in self.mappings), "")
+
+
+def concat(results):
+    """Many Results (or frames) as one DataFrame, one row each."""
+    import pandas as pd
+
+    frames = [r.to_frame() if isinstance(r, Result) else r for r in results]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def to_csv(frame, path) -> None:
+    frame.to_csv(path, index=False)
+
+
+def read_csv(path):
+    """Read a results CSV back (written by to_csv or `labkit bench`)."""
+    import pandas as pd
+
+    return pd.read_csv(path, comment="#")

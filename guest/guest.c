@@ -298,12 +298,18 @@ void guest_main(u32 magic, u32 mbi_addr)
                 hb_write_end();
 
                 if (cycles_per_page) {
+                    u64 t = rdtsc(), prev, jump = 0;
                     deadline += cycles_per_page;
                     if (now > deadline + (u64)tsc_khz * 100) /* over 100 ms behind: rebase, no burst */
                         deadline = now;
-                    while (rdtsc() < deadline)
+                    while (t < deadline) { /* the wait beats too: a jump between two reads is a stall */
                         cpu_relax();
-                    last = rdtsc(); /* the pacing wait is not a pause */
+                        prev = t;
+                        t = rdtsc();
+                        if (t - prev > jump)
+                            jump = t - prev;
+                    }
+                    last = t - jump; /* the pacing wait is not a pause, but a stall inside it is */
                 }
             }
         }

@@ -225,6 +225,9 @@ class Lab:
 
     def _start_source(self) -> None:
         self.src = self._spawn(self.config)
+        ready = getattr(self.ops, "ready", None)
+        if ready is not None:
+            ready(self.src)  # real QEMU: wait for the guest to boot, so the warm-up is time it really runs
         self.src.cmd(
             "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": self.events_cap}]}
         )
@@ -391,8 +394,14 @@ class Lab:
             self.error = message
             self.mark("lab", "error", message)
 
-    def _wait_for(self, cond: Callable[[], bool], what: str, m: Machine | None, interval: float = 0.02,
-                  nap: Callable[[float], None] = time.sleep) -> None:
+    def _wait_for(
+        self,
+        cond: Callable[[], bool],
+        what: str,
+        m: Machine | None,
+        interval: float = 0.02,
+        nap: Callable[[float], None] = time.sleep,
+    ) -> None:
         """Poll cond() until it holds. Polling is gentle (20 ms): every QMP round trip costs both processes
         CPU that a 2-core machine would otherwise give to the migration being measured."""
         deadline = time.monotonic() + self.timeout
@@ -515,6 +524,8 @@ class Lab:
         resume = next((e for e in dst_events if e.get("event") == "RESUME"), None)
         if stop and resume and stop.get("monotonic-ns") and resume.get("monotonic-ns"):
             res.pause_ms["events"] = round((resume["monotonic-ns"] - stop["monotonic-ns"]) / 1e6, 3)
+        elif stop and not resume and self.dst is not None and res.status == "completed":
+            res.notes.append("no RESUME seen: the destination resumed before its monitor was connected")
         for side, evs in (("source", src_events), ("destination", dst_events)):
             for e in evs:
                 if e.get("monotonic-ns") is None:

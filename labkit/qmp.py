@@ -86,7 +86,9 @@ class QMP:
                     return
                 except (ConnectError, OSError, QMPTimeout) as e:
                     last = e
-            time.sleep(0.01)
+            # poll briskly: a cpr-transfer destination may resume soon after its monitor appears, and QEMU
+            # keeps no event history for a client that connects late
+            time.sleep(0.001)
         raise QMPTimeout(f"QMP: could not connect to {path} within {timeout} s ({last})")
 
     async def _connect(self, path: str) -> None:

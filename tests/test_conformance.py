@@ -241,7 +241,6 @@ def test_errors_match(overrides, mode, channels, text, status):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="emulator defect, reported: blocked-reasons order and vga.vram")
 def test_blocked_reasons_list_matches():
     with tempfile.TemporaryDirectory(prefix="labkit-conf-") as d:
         emu, qemu = (attempt(b, {"aux_ram_share": False}, "cpr-transfer", None, d) for b in BACKENDS)
@@ -249,7 +248,6 @@ def test_blocked_reasons_list_matches():
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="emulator defect, reported: QEMU 10 answers {} before any migration")
 def test_query_migrate_before_any_migration_matches():
     answers = []
     for backend in BACKENDS:

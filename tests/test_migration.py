@@ -66,10 +66,10 @@ def wait_status(m, statuses, timeout=30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = m.cmd("query-migrate")
-        if info["status"] in statuses:
+        if info.get("status", "none") in statuses:
             return info
         time.sleep(0.01)
-    raise AssertionError(f"status stayed {info['status']}")
+    raise AssertionError(f"status stayed {info.get('status')}")
 
 
 # -- end to end -------------------------------------------------------------------------------------------
@@ -288,7 +288,7 @@ def _refused(m, args, text, status="none"):
         m.cmd("migrate", args)
     assert str(e.value) == text
     assert m.cmd("query-status")["status"] == "running"
-    assert m.cmd("query-migrate")["status"] == status
+    assert m.cmd("query-migrate").get("status", "none") == status  # QEMU answers {} before any migration
 
 
 @pytest.mark.parametrize(

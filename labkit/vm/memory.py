@@ -179,8 +179,9 @@ class RAMList:
         return next((b for b in self.blocks if b.idstr == idstr), None)
 
     def cpr_blockers(self) -> list[str]:
-        """The CPR blocker texts, most recently added first (QEMU prepends to migration_blockers)."""
-        return [CPR_BLOCKER_TEXT.format(name=b.idstr) for b in reversed(self.blocks) if not b.cpr_compatible]
+        """The CPR blocker texts in creation order, as query-migrate's blocked-reasons lists them. QEMU
+        prepends to migration_blockers, so `migrate` reports the last one (migration_is_blocked)."""
+        return [CPR_BLOCKER_TEXT.format(name=b.idstr) for b in self.blocks if not b.cpr_compatible]
 
     def cpr_fds(self) -> list[tuple[str, int]]:
         """(name, fd) of every block whose memory the new process must adopt, in registration order."""
@@ -215,6 +216,8 @@ def ram_blocks_create(opts: MachineOptions, cpr_fds: dict[str, int] | None = Non
             system = _new_block("pc.ram", opts.ram_size, "memory-backend-ram", False, None, fds)
             blocks.append(system)
         for name, size in IMPLICIT_BLOCKS:
+            if name == "vga.vram" and opts.nodefaults:
+                continue  # -nodefaults: no VGA device, so no video RAM (as QEMU)
             block = _new_block(name, size, "implicit", opts.aux_ram_share, None, fds)
             if not block.reused:
                 _load_rom(block)

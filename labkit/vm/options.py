@@ -49,6 +49,7 @@ class MachineOptions:
     serial_file: str | None = None
     guest: GuestConfig = field(default_factory=GuestConfig)
     accel: str | None = None
+    nodefaults: bool = False  # -nodefaults: no default devices, so no VGA and no vga.vram block
     holds: set[str] = field(
         default_factory=set
     )  # -x-hold: named points where migration waits for x-labkit-continue
@@ -234,6 +235,8 @@ def parse_args(argv: list[str]) -> MachineOptions:
         if name in _NO_ARG:
             if name == "S":
                 opts.start_paused = True
+            elif name == "nodefaults":
+                opts.nodefaults = True
             i += 1
             continue
         if name not in _WITH_ARG:

@@ -310,7 +310,7 @@ class MigrationState:
                     raise QMPError(f"Cannot use {label} with CPR")
         blockers = self._blockers()
         if blockers:
-            raise QMPError(blockers[0])
+            raise QMPError(blockers[-1])  # the head of QEMU's list: the blocker added last
 
     def cpr_state_save(self, channel: MigrationChannel) -> None:
         """cpr_state_save(): connect the cpr channel, send every RAM fd, half-close to await the hang-up."""
@@ -514,12 +514,17 @@ class MigrationState:
             if self.incoming_stats:
                 out["ram"] = self.incoming_stats
             return out
-        out = {"status": self.status}
+        # QEMU 10.0.2 answers {} before any migration, and only status and error-desc after a failure
+        out = {} if self.status == "none" else {"status": self.status}
         blockers = self._blockers()
-        out["blocked"] = bool(blockers)
         if blockers:
             out["blocked-reasons"] = blockers
         if self.status == "none":
+            return out
+        if self.status == "failed":
+            out["error-desc"] = self.error_desc or "unknown error"
+            out["x-labkit"] = {"bytes-main": self.bytes_main, "bytes-cpr": self.bytes_cpr, "mode": self.mode(),
+                               "checkpoints": [{"name": n, "monotonic-ns": t} for n, t in self.checkpoints]}
             return out
         now = time.monotonic()
         end = self.t_end or now

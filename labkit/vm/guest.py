@@ -278,5 +278,5 @@ class VCPU(threading.Thread):
                 self.guest.tick(min(now - last, 0.05))
                 last = now
             spare = TICK_S - (time.monotonic() - now)
-            if spare > 0:
+            if spare > 0 and self.guest.cpu.budget < PAGE_SIZE:  # behind the dirty rate: no nap
                 time.sleep(spare)

@@ -70,9 +70,12 @@ class GuestConfig:
     pattern: str = "sequential"  # sequential | random | hotset
     working_set: int | None = None  # bytes of RAM the workload touches; None = all of it
     seed: int = 1
+    prefill: bool = False  # write every page once at boot, as a guest that has used all its memory
 
     def to_option(self) -> str:
         parts = [f"dirty-rate={format_size(self.dirty_rate)}", f"pattern={self.pattern}"]
+        if self.prefill:
+            parts.append("prefill=on")
         if self.working_set is not None:
             parts.append(f"working-set={format_size(self.working_set)}")
         parts.append(f"seed={self.seed}")

@@ -100,6 +100,7 @@ class Lab:
         seed: int = 1,
         events: bool = True,
         timeout: float = 60.0,
+        prefill: bool = False,
     ):
         if mode not in MODES:
             raise LabError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -127,6 +128,7 @@ class Lab:
                 pattern=pattern,
                 working_set=parse_size(working_set) if working_set is not None else None,
                 seed=seed,
+                prefill=prefill,
             ),
         )
         self.src: Machine | None = None
@@ -294,6 +296,15 @@ class Lab:
         )
         if self.defer:
             self.dst.cmd("migrate-incoming", {"uri": f"unix:{self.main_path}"})
+        if self.backend == "emulated":
+            # the destination faults its RAM in before it accepts; don't measure a stream racing with that
+            self._wait_for(lambda: self._checkpoint_seen(self.dst, "dst-populated"),
+                           "the destination to fault its RAM in", self.dst)
+
+    @staticmethod
+    def _checkpoint_seen(m: Machine, name: str) -> bool:
+        marks = m.cmd("query-migrate", timeout=10).get("x-labkit", {}).get("checkpoints", [])
+        return any(c["name"] == name for c in marks)
 
     def _start_destination_defer(self) -> None:
         self.dst = self._spawn(self._dest_config("defer"))

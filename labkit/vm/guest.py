@@ -85,6 +85,9 @@ class Guest:
         h[H_DATA_FIRST] = self.data_first
         h[H_NPAGES] = self.block.npages
         self.block.mark_dirty(slice(0, 1))
+        if self.cfg.prefill:  # a guest that has touched all its memory: no zero pages left to skip
+            for start in range(self.data_first, self.block.npages, 4096):
+                self.write_pages(slice(start, min(start + 4096, self.block.npages)))
 
     # -- the work of one tick -------------------------------------------------------------------------------
     def _pick_pages(self, n: int) -> np.ndarray | slice:

@@ -212,6 +212,8 @@ def _guest(opts: MachineOptions, value: str) -> None:
                 g.working_set = parse_size(val)
             elif key == "seed":
                 g.seed = int(val)
+            elif key == "prefill":
+                g.prefill = parse_bool(val, "prefill")
             else:
                 raise OptionError(f"Invalid parameter '{key}'")
     except (SizeError, ValueError) as e:

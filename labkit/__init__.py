@@ -1,3 +1,34 @@
-"""labkit: watch, step by step and in numbers, how a VM migrates (normal, cpr-reboot, cpr-transfer)."""
+"""labkit: watch, step by step and in numbers, how a VM migrates (normal, cpr-reboot, cpr-transfer).
+
+The public API: VMConfig, GuestConfig, spawn, Lab, migrate, Result, and the modules plots and widgets.
+Names load on first use, so the VM process (which imports labkit.vm) does not pay for the lab's imports.
+"""
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "VMConfig": ("labkit.config", "VMConfig"),
+    "GuestConfig": ("labkit.config", "GuestConfig"),
+    "spawn": ("labkit.machine", "spawn"),
+    "Machine": ("labkit.machine", "Machine"),
+    "Lab": ("labkit.lab", "Lab"),
+    "Snapshot": ("labkit.lab", "Snapshot"),
+    "migrate": ("labkit.lab", "migrate"),
+    "Result": ("labkit.results", "Result"),
+    "plots": ("labkit.plots", None),
+    "widgets": ("labkit.widgets", None),
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'labkit' has no attribute {name!r}")
+    import importlib
+
+    module, attr = _LAZY[name]
+    mod = importlib.import_module(module)
+    value = mod if attr is None else getattr(mod, attr)
+    globals()[name] = value
+    return value

@@ -298,8 +298,11 @@ class Lab:
             self.dst.cmd("migrate-incoming", {"uri": f"unix:{self.main_path}"})
         if self.backend == "emulated":
             # the destination faults its RAM in before it accepts; don't measure a stream racing with that
-            self._wait_for(lambda: self._checkpoint_seen(self.dst, "dst-populated"),
-                           "the destination to fault its RAM in", self.dst)
+            self._wait_for(
+                lambda: self._checkpoint_seen(self.dst, "dst-populated"),
+                "the destination to fault its RAM in",
+                self.dst,
+            )
 
     @staticmethod
     def _checkpoint_seen(m: Machine, name: str) -> bool:
@@ -526,6 +529,9 @@ class Lab:
         res.bytes = {"main": lab.get("bytes-main", ram.get("transferred", 0)), "cpr": lab.get("bytes-cpr")}
         res.pages_per_pass = lab.get("pages-per-pass", [])
         res.throughput_mbps = ram.get("mbps")
+        live_ms = (info.get("total-time") or 0) - (info.get("downtime") or 0) - (info.get("setup-time") or 0)
+        if self.mode == "normal" and ram.get("precopy-bytes") and live_ms > 0:
+            res.precopy_bytes_per_s = round(ram["precopy-bytes"] / (live_ms / 1000), 1)
         bpp, spp = lab.get("bytes-per-pass", []), lab.get("seconds-per-pass", [])
         if self.mode == "normal" and bpp and spp and spp[0] > 0:
             res.first_pass_bytes_per_s = round(bpp[0] / spp[0], 1)

@@ -51,6 +51,7 @@ class Result:
     pages_per_pass: list[int] = field(default_factory=list)
     throughput_mbps: float | None = None
     first_pass_bytes_per_s: float | None = None  # pre-copy pass 1: every page, as fast as the link allows
+    precopy_bytes_per_s: float | None = None  # bytes sent while the guest ran / time it ran (both backends)
     guest_verified: bool | None = None
     verify: dict[str, Any] = field(default_factory=dict)
     states: dict[str, str] = field(default_factory=dict)

@@ -346,7 +346,8 @@ class Lab:
         """cpr-transfer: the destination's monitor exists only once it has loaded CPR state."""
         assert self.dst is not None
         if self.stepping and self.error is None:
-            os.kill(self.dst.pid, signal.SIGUSR1)  # no monitor yet: a signal lets it read the CPR state
+            with contextlib.suppress(ProcessLookupError):  # it may have died; connect() below then says so
+                os.kill(self.dst.pid, signal.SIGUSR1)  # no monitor yet: a signal lets it read the CPR state
         try:
             self.dst.connect(self.timeout)
         except (QMPTimeout, ConnectionError) as e:
@@ -502,7 +503,11 @@ class Lab:
     def _collect(self) -> Result:
         cfg = self.config
         res = Result(
-            backend=self.backend, mode=self.mode, ram_bytes=cfg.ram, status="failed" if self.error else ""
+            backend=self.backend,
+            mode=self.mode,
+            ram_bytes=cfg.ram,
+            status="failed" if self.error else "",
+            dirty_rate=cfg.guest.dirty_rate,
         )
         res.error = self.error
         src_alive = self.src is not None and self.src.alive()

@@ -1,0 +1,199 @@
+"""Scenarios for the notebooks: one QMP story each, run start to end, told back as a table of steps.
+
+A notebook cell must leave no process behind, yet the lesson is often an order of QMP commands across two
+processes (-incoming defer) or what a source does when its destination dies. These functions drive real VMs
+through such a story inside one call, record each command and what came back, and end every process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from labkit.config import GuestConfig, VMConfig, parse_size
+from labkit.lab import Lab
+from labkit.machine import Machine, spawn
+from labkit.qmp import QMPCommandError, QMPTimeout
+from labkit.results import Result
+
+
+def unix_channel(path: str, channel_type: str = "main") -> dict[str, Any]:
+    """A MigrationChannel over a UNIX socket, as `migrate` and `-incoming` take it."""
+    return {"channel-type": channel_type, "addr": {"transport": "socket", "type": "unix", "path": path}}
+
+
+def file_channel(filename: str, channel_type: str = "main") -> dict[str, Any]:
+    return {"channel-type": channel_type, "addr": {"transport": "file", "filename": filename, "offset": 0}}
+
+
+def inet_channel(host: str, port: int | str, channel_type: str = "main") -> dict[str, Any]:
+    addr = {"transport": "socket", "type": "inet", "host": host, "port": str(port)}
+    return {"channel-type": channel_type, "addr": addr}
+
+
+@dataclass
+class Attempt:
+    """What one `migrate` command did to a running source: refused or accepted, and the source after it."""
+
+    args: dict[str, Any]
+    error: str | None
+    status: str
+    runstate: str
+    guest_verified: bool | None
+    blocked_reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "migrate": "accepted" if self.error is None else f"refused: {self.error}",
+            "query-migrate status": self.status,
+            "source runstate": self.runstate,
+            "guest memory verified": self.guest_verified,
+        }
+
+
+def try_migrate(
+    args: dict[str, Any], config: VMConfig | None = None, mode: str = "cpr-transfer", settle: float = 0.2
+) -> Attempt:
+    """Start a source VM, set the migration mode, send one `migrate` with `args`, and report what the source
+    said and how it is afterwards (still running, memory intact). The VM ends before this returns."""
+    config = config or VMConfig(name="source", ram=32 << 20, guest=GuestConfig(dirty_rate=8 << 20))
+    with spawn(config) as m:
+        m.cmd("migrate-set-parameters", {"mode": mode})
+        blocked = m.cmd("query-migrate").get("blocked-reasons", [])
+        error = None
+        try:
+            m.cmd("migrate", args)
+        except QMPCommandError as e:
+            error = str(e)
+        time.sleep(settle)  # a connect that fails does so on the migration thread, just after
+        info = m.cmd("query-migrate")
+        if error is None and info.get("error-desc"):
+            error = info["error-desc"]
+        return Attempt(
+            args,
+            error,
+            info.get("status", "none"),  # QEMU 10 answers {} when no migration ever started
+            m.cmd("query-status")["status"],
+            bool(m.cmd("x-labkit-verify").get("ok")),
+            blocked,
+        )
+
+
+# -- -incoming defer with cpr-transfer: who may be spoken to first -----------------------------------------
+def _connectable(m: Machine, timeout: float) -> str:
+    try:
+        m.connect(timeout)
+        return "connected"
+    except (QMPTimeout, ConnectionError, OSError) as e:
+        return f"cannot connect ({type(e).__name__})"
+
+
+def defer_walkthrough(ram: str | int = "64M", dirty_rate: str | int = "16M", timeout: float = 30.0):
+    """cpr-transfer to a destination started with `-incoming defer -incoming <cpr>`, step by step: the
+    destination has no monitor until the source has sent `migrate`; only then may one talk to it and send
+    `migrate-incoming`. Returns a DataFrame: step, to whom, what was sent, what came back."""
+    import pandas as pd
+
+    size = parse_size(ram, "m") if isinstance(ram, str) else ram
+    rows: list[dict[str, Any]] = []
+
+    def note(who: str, sent: str, seen: Any) -> None:
+        rows.append({"step": len(rows) + 1, "to": who, "sent / looked at": sent, "came back": seen})
+
+    cfg = VMConfig(name="source", ram=size, guest=GuestConfig(dirty_rate=parse_size(dirty_rate)))
+    src = spawn(cfg)
+    dst = None
+    try:
+        main = f"{src.run_dir}/main.sock"
+        cpr = f"{src.run_dir}/cpr.sock"
+        src.cmd("migrate-set-parameters", {"mode": "cpr-transfer"})
+        note("source", "migrate-set-parameters mode=cpr-transfer", "{}")
+        dcfg = VMConfig(name="destination", ram=size).with_incoming("defer", unix_channel(cpr, "cpr"))
+        dst = spawn(dcfg, connect=False)
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(cpr) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        note("destination", "start: -incoming defer -incoming {cpr channel}", "listening on the cpr socket")
+        note("destination", "does its QMP socket exist?", os.path.exists(dst.qmp_path))
+        note("destination", "connect to QMP (1 s)", _connectable(dst, 1.0))
+        src.cmd("migrate", {"channels": [unix_channel(main), unix_channel(cpr, "cpr")]})
+        note("source", "migrate channels=[main, cpr]", "{} (CPR state and fds sent)")
+        status = src.cmd("query-migrate").get("status")
+        note("source", "query-migrate", f"{status} (waiting for the cpr hang-up)")
+        note("destination", "connect to QMP", _connectable(dst, timeout))
+        note("destination", "query-status", dst.cmd("query-status")["status"])
+        dst.cmd("migrate-incoming", {"uri": f"unix:{main}"})
+        note("destination", f"migrate-incoming unix:{os.path.basename(main)}", "{} (listens, closes cpr)")
+        while (
+            src.cmd("query-migrate").get("status") not in ("completed", "failed")
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.02)
+        note("source", "query-migrate", src.cmd("query-migrate").get("status"))
+        while dst.cmd("query-status")["status"] != "running" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        note("destination", "query-status", dst.cmd("query-status")["status"])
+        note("destination", "x-labkit-verify (guest memory)", bool(dst.cmd("x-labkit-verify").get("ok")))
+    finally:
+        if dst is not None:
+            dst.shutdown(timeout=5)
+        src.shutdown(timeout=5)
+    return pd.DataFrame(rows)
+
+
+# -- the destination dies mid-way ------------------------------------------------------------------------
+def destination_dies(mode: str = "normal", after_phase: int = 3, **lab_kwargs: Any) -> tuple[Any, Result]:
+    """Step a migration through `after_phase` phases, SIGKILL the destination there, let the source go on,
+    and return (the phases seen, as a DataFrame; the Result: status, error-desc, states, memory verified)."""
+    import pandas as pd
+
+    lab_kwargs.setdefault("ram", "64M")
+    lab_kwargs.setdefault("dirty_rate", "16M")
+    rows = []
+    with Lab(mode=mode, **lab_kwargs) as lab:
+        for _ in range(after_phase):
+            snap = lab.step()
+            rows.append({"phase": snap.phase, **{f"{k} state": v for k, v in snap.states.items()}})
+        assert lab.dst is not None
+        lab.dst.kill()
+        rows.append({"phase": "SIGKILL the destination", "destination state": "(killed)"})
+        result = lab.run()
+    rows.append({"phase": "source after", "source state": result.states.get("source")})
+    return pd.DataFrame(rows), result
+
+
+# -- cpr-reboot, phase by phase ----------------------------------------------------------------------------
+def cpr_reboot_walkthrough(**lab_kwargs: Any) -> tuple[Any, Result]:
+    """Step a cpr-reboot: at each phase the runstate of the old and the new process, and the size of the
+    state file. Returns (DataFrame of phases, Result)."""
+    import pandas as pd
+
+    rows = []
+    with Lab(mode="cpr-reboot", **lab_kwargs) as lab:
+        for _ in lab.phases:
+            snap = lab.step()
+            size = os.path.getsize(lab.file_path) if os.path.exists(lab.file_path) else None
+            rows.append(
+                {
+                    "phase": snap.phase,
+                    "old process": snap.states.get("source"),
+                    "new process": snap.states.get("destination"),
+                    "state file bytes": size,
+                }
+            )
+        result = lab.run()
+    return pd.DataFrame(rows).astype({"state file bytes": "Int64"}), result
+
+
+def ram0_inodes(result: Result) -> dict[str, Any]:
+    """ram0 in each process: inode, path, virtual address; and whether both are the same file."""
+    out: dict[str, Any] = {}
+    for m in result.mappings:
+        if m.block == "ram0":
+            out[m.side] = {"inode": m.inode, "path": m.path, "start": hex(m.start)}
+    with contextlib.suppress(KeyError):
+        out["same inode"] = out["source"]["inode"] == out["destination"]["inode"]
+    return out

@@ -1,0 +1,321 @@
+"""Sweeps and watches for the notebooks: many migrations as one frame, a pre-copy that does not converge.
+
+A notebook cell should read as one idea ("pause against RAM size"), so the loops, the progress bar and the
+bookkeeping live here. Every function starts and ends its own processes: nothing outlives the call.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from labkit.config import GuestConfig, VMConfig, parse_size
+from labkit.lab import migrate
+from labkit.machine import spawn
+
+# Lab keywords whose values are sizes: the frame holds them in bytes so they plot on one axis
+_SIZE_KEYS = ("dirty_rate", "max_bandwidth", "working_set")
+
+
+def _grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    keys = list(grid)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def sweep(
+    grid: Mapping[str, Sequence[Any]],
+    repeat: int = 1,
+    progress: bool = True,
+    seed: int = 1,
+    **fixed: Any,
+):
+    """Run one migration per point of the grid (every combination of its values) and repetition, and return
+    one DataFrame row per run: the fields of `labkit migrate --json` plus the swept settings and `rep`.
+
+    `fixed` is passed to every run (Lab keywords: ram=, mode=, max_bandwidth=, ...). Repetition k uses seed
+    seed+k, so a sweep is reproducible run for run; the measured times still vary with the machine's load.
+    """
+    import pandas as pd
+
+    points = [(p, rep) for p in _grid(grid) for rep in range(repeat)]
+    bar = _progress(len(points), progress)
+    rows = []
+    try:
+        for point, rep in points:
+            kwargs = {**fixed, **point, "seed": seed + rep}
+            bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in point.items()), refresh=False)
+            result = migrate(**kwargs)
+            row = result.flat()
+            row["ram_bytes"] = result.ram_bytes
+            for key in _SIZE_KEYS:
+                if kwargs.get(key) is not None:
+                    row[key] = parse_size(kwargs[key])
+            row.setdefault("max_bandwidth", parse_size(kwargs.get("max_bandwidth", "10G")))
+            row["downtime_limit"] = kwargs.get("downtime_limit", 300)
+            for key, value in point.items():
+                if key not in _SIZE_KEYS and key != "ram":
+                    row[key] = value  # memory_backend, pattern, ...: the swept setting as given
+            row["rep"] = rep
+            row["seed"] = kwargs["seed"]
+            rows.append(row)
+            bar.update(1)
+    finally:
+        bar.close()
+    return pd.DataFrame(rows)
+
+
+class _NoBar:
+    def set_postfix_str(self, *a: Any, **k: Any) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="migrations", unit="run")
+
+
+def summarize(frame, by: Sequence[str] = ("mode", "ram_bytes")):
+    """Median pause and total time per group, with the number of runs: the table to read before the plot."""
+    cols = [
+        c for c in ("pause_ms_reported", "pause_ms_events", "total_ms", "bytes_main", "passes") if c in frame
+    ]
+    out = frame.groupby(list(by))[cols].median()
+    out["runs"] = frame.groupby(list(by)).size()
+    return out
+
+
+# -- a pre-copy that does not converge ---------------------------------------------------------------------
+@dataclass
+class PrecopyWatch:
+    """What query-migrate said while a pre-copy ran, and what the source did after migrate_cancel."""
+
+    samples: Any  # DataFrame: t_s, status, dirty_sync_count, expected_downtime_ms, remaining, ...
+    converged: bool
+    downtime_limit: int
+    max_bandwidth: int
+    dirty_rate: int
+    after_cancel: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        """r = dirty rate / bandwidth: pass i sends about M*r^i; at r >= 1 nothing shrinks."""
+        return self.dirty_rate / self.max_bandwidth if self.max_bandwidth else float("inf")
+
+
+def watch_precopy(
+    ram: str | int = "64M",
+    dirty_rate: str | int = "256M",
+    max_bandwidth: str | int = "128M",
+    downtime_limit: int = 300,
+    pattern: str = "sequential",
+    passes: int = 5,
+    timeout: float = 20.0,
+    interval: float = 0.25,
+    seed: int = 1,
+    backend: str = "emulated",
+) -> PrecopyWatch:
+    """Start a normal (pre-copy) migration, sample query-migrate every `interval` s until it completes or has
+    made `passes` dirty-bitmap syncs, then migrate_cancel if it is still going; report the source afterwards
+    (status, runstate, guest memory verified). Both VMs end before this returns."""
+    import pandas as pd
+
+    dirty, bandwidth = parse_size(dirty_rate), parse_size(max_bandwidth)
+    size = parse_size(ram, "m") if isinstance(ram, str) else ram
+    guest = GuestConfig(dirty_rate=dirty, pattern=pattern, seed=seed)
+    src = spawn(VMConfig(name="source", ram=size, guest=guest), backend=backend)
+    dst = None
+    samples: list[dict[str, Any]] = []
+    after: dict[str, Any] = {}
+    try:
+        path = f"{src.run_dir}/main.sock"
+        dst = spawn(VMConfig(name="destination", ram=size).with_incoming(f"unix:{path}"), backend=backend)
+        src.cmd("migrate-set-parameters", {"max-bandwidth": bandwidth, "downtime-limit": downtime_limit})
+        time.sleep(0.2)  # let the guest dirty some memory first
+        t0 = time.monotonic()
+        src.cmd("migrate", {"uri": f"unix:{path}"})
+        while True:
+            info = src.cmd("query-migrate")
+            ram_info = info.get("ram", {})
+            samples.append(
+                {
+                    "t_s": round(time.monotonic() - t0, 2),
+                    "status": info.get("status", "none"),
+                    "dirty_sync_count": ram_info.get("dirty-sync-count"),
+                    "expected_downtime_ms": info.get("expected-downtime"),
+                    "downtime_limit_ms": downtime_limit,
+                    "remaining_MiB": round(ram_info.get("remaining", 0) / (1 << 20), 1),
+                    "transferred_MiB": round(ram_info.get("transferred", 0) / (1 << 20), 1),
+                    "dirty_pages_rate": ram_info.get("dirty-pages-rate"),
+                }
+            )
+            done = info.get("status") in ("completed", "failed", "cancelled")
+            if done or (ram_info.get("dirty-sync-count") or 0) >= passes or time.monotonic() - t0 > timeout:
+                break
+            time.sleep(interval)
+        converged = samples[-1]["status"] == "completed"
+        if not converged and samples[-1]["status"] == "active":
+            src.cmd("migrate_cancel")
+            deadline = time.monotonic() + 10
+            while src.cmd("query-migrate").get("status") not in ("cancelled", "failed", "completed"):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+        if not converged:
+            after = {
+                "migration status": src.cmd("query-migrate").get("status"),
+                "source runstate": src.cmd("query-status")["status"],
+                "guest memory verified": bool(src.cmd("x-labkit-verify").get("ok"))
+                if backend == "emulated"
+                else None,
+            }
+    finally:
+        if dst is not None:
+            dst.kill()
+        src.shutdown()
+    return PrecopyWatch(pd.DataFrame(samples), converged, downtime_limit, bandwidth, dirty, after)
+
+
+# -- reference data committed by `labkit bench` ------------------------------------------------------------
+def reference_files(start: str | Path = ".", pattern: str = "reference-*.csv") -> list[Path]:
+    """data/reference-*.csv in `start` or the nearest parent that has a data/ folder (notebooks run from
+    notebooks/, the data lives at the top of the repository)."""
+    here = Path(start).resolve()
+    for folder in (here, *here.parents):
+        data = folder / "data"
+        if data.is_dir():
+            return sorted(data.glob(pattern))
+    return []
+
+
+def _per_run(frame, y: str):
+    """A `labkit bench` summary (y_median, y_min, y_max per cell) as three rows per cell under y, so that
+    plot_pause's median and min-max whiskers redraw exactly the summary; a per-run frame is returned as is."""
+    import pandas as pd
+
+    if y in frame:
+        return frame
+    parts = []
+    for stat in ("min", "median", "max"):
+        col = f"{y}_{stat}"
+        if col in frame:
+            parts.append(
+                frame.drop(columns=[c for c in frame if c.startswith(f"{y}_")]).assign(**{y: frame[col]})
+            )
+    return pd.concat(parts, ignore_index=True) if parts else frame
+
+
+def plot_reference(frame, y: str = "pause_ms_events") -> list[tuple[Any, str]]:
+    """Figures for a reference CSV (per-run rows, or `labkit bench`'s per-cell medians with min and max):
+    pause against RAM size at the lowest dirty rate, and against dirty rate at the largest RAM, one pair per
+    backend. Returns [(figure or None, a sentence saying what was drawn or why not)]."""
+    from labkit.plots import plot_pause
+
+    frame = _per_run(frame, y)
+    missing = [c for c in ("mode", "ram_bytes", y) if c not in frame]
+    if missing:
+        return [(None, f"nothing to draw: no column {', '.join(missing)}")]
+    if "dirty_rate" not in frame:
+        frame = frame.assign(dirty_rate=0)
+    out: list[tuple[Any, str]] = []
+    backends = sorted(frame["backend"].dropna().unique()) if "backend" in frame else [None]
+    for backend in backends:
+        sub = frame if backend is None else frame[frame["backend"] == backend]
+        sub = sub[sub[y].notna()]
+        label = f"{backend} backend, " if backend else ""
+        if sub.empty:
+            out.append((None, f"{label}no {y} figures"))
+            continue
+        drawn = len(out)
+        low = sub[sub["dirty_rate"] == sub["dirty_rate"].min()]
+        if low["ram_bytes"].nunique() > 1:
+            rate = int(low["dirty_rate"].iloc[0])
+            out.append(
+                (plot_pause(low, x="ram_bytes", y=y), f"{label}{y} against RAM size, dirty rate {rate} B/s")
+            )
+        big = sub[sub["ram_bytes"] == sub["ram_bytes"].max()]
+        if big["dirty_rate"].nunique() > 1:
+            ram = int(big["ram_bytes"].iloc[0])
+            out.append((plot_pause(big, x="dirty_rate", y=y), f"{label}{y} against dirty rate, RAM {ram} B"))
+        if len(out) == drawn:
+            out.append((None, f"{label}only one RAM size and one dirty rate: nothing to draw a line through"))
+    return out
+
+
+def describe_runs(frame, columns: Iterable[str] = ("mode", "ram_bytes", "dirty_rate", "status")):
+    """The columns a reader needs to trust a sweep: what ran and whether it completed."""
+    return frame[[c for c in columns if c in frame]]
+
+
+# -- figures and tables the notebooks read -----------------------------------------------------------------
+def plot_total(frame, x: str = "ram_bytes"):
+    """Total migration time (migrate to completed) per mode, drawn like plot_pause."""
+    from labkit.plots import plot_pause
+
+    fig = plot_pause(frame, x=x, y="total_ms")
+    ax = fig.axes[0]
+    ax.set_ylabel("total time (ms, migrate to completed)")
+    ax.set_title("total migration time by mode")
+    return fig
+
+
+def plot_main_bytes(frame, by: str = "mode"):
+    """Bytes on the main channel per group (median), on a log scale: hundreds of bytes next to gigabytes."""
+    from matplotlib.figure import Figure
+
+    med = frame.groupby(by)["bytes_main"].median()
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.add_subplot()
+    bars = ax.bar([str(i) for i in med.index], med.to_numpy(), color="tab:blue")
+    ax.bar_label(bars, labels=[_human_bytes(v) for v in med.to_numpy()], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("bytes on the main channel")
+    ax.set_xlabel(by)
+    ax.set_title(f"main-channel bytes by {by}")
+    fig.tight_layout()
+    return fig
+
+
+def _human_bytes(n: float) -> str:
+    from labkit.config import human_size
+
+    return human_size(float(n))
+
+
+def model_vs_measured(frame, downtime_limit_ms: int | None = None):
+    """For each pre-copy run: the model's passes and total time (pass i sends M*r^i, r = dirty rate /
+    max-bandwidth) next to what was measured."""
+    import pandas as pd
+
+    from labkit.plots import precopy_model
+
+    rows = []
+    for _, run in frame.iterrows():
+        limit = (downtime_limit_ms or run.get("downtime_limit") or 300) / 1000
+        sent, total_s, _, converged = precopy_model(
+            float(run["ram_bytes"]), float(run["max_bandwidth"]), float(run["dirty_rate"]), limit
+        )
+        rows.append(
+            {
+                "dirty_rate_MiB_s": run["dirty_rate"] / (1 << 20),
+                "r": round(run["dirty_rate"] / run["max_bandwidth"], 2),
+                "model_passes": len(sent) + 1 if converged else None,  # + the stop-and-copy pass
+                "measured_passes": run["passes"],
+                "model_total_ms": round(total_s * 1000) if converged else None,
+                "measured_total_ms": run["total_ms"],
+                "status": run["status"],
+            }
+        )
+    return pd.DataFrame(rows)

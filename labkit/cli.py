@@ -36,7 +36,8 @@ def _migration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="cpr-transfer", choices=["normal", "cpr-reboot", "cpr-transfer"])
     p.add_argument("--ram", default="256M", type=_ram, help="guest RAM (QEMU size: 256M, 1G; default unit M)")
     p.add_argument("--memory-backend", default="memfd", choices=["memfd", "ram", "file", "epc", "none"])
-    p.add_argument("--share", default="on", choices=["on", "off"], help="share= of the memory backend")
+    p.add_argument("--share", default=None, choices=["on", "off"],
+                   help="share= of the memory backend (default: the backend's own, on for memfd, off for ram/file)")
     p.add_argument("--aux-ram-share", default="on", choices=["on", "off"])
     p.add_argument("--dirty-rate", default="0", type=_size, help="bytes/s the guest writes (e.g. 256M)")
     p.add_argument("--pattern", default="sequential", choices=["sequential", "random", "hotset"])
@@ -55,7 +56,7 @@ def _lab_kwargs(args: argparse.Namespace) -> dict:
         mode=args.mode,
         ram=args.ram,
         memory_backend=args.memory_backend,
-        share=args.share == "on",
+        share=None if args.share is None else args.share == "on",
         aux_ram_share=args.aux_ram_share == "on",
         dirty_rate=args.dirty_rate,
         pattern=args.pattern,

@@ -89,7 +89,7 @@ class Lab:
         ram: str | int = "256M",
         memory_backend: str = "memfd",
         aux_ram_share: bool = True,
-        share: bool | None = True,
+        share: bool | None = None,  # None: the backend's own default (memfd on, ram and file off)
         dirty_rate: str | int = 0,
         pattern: str = "sequential",
         working_set: str | int | None = None,
@@ -564,11 +564,12 @@ class Lab:
             else getattr(self, "src_state", "(exited)")
         )
         dst_ok = self.dst is not None and self.dst.alive() and self.dst.qmp.connected
-        res.states["destination"] = (
-            self.dst.cmd("query-status", timeout=10)["status"]
-            if dst_ok
-            else ("(exited)" if self.dst is not None else "(not started)")
-        )
+        if dst_ok:
+            res.states["destination"] = self.dst.cmd("query-status", timeout=10)["status"]
+        elif self.dst is None:
+            res.states["destination"] = "(not started)"
+        else:
+            res.states["destination"] = "(no monitor yet)" if self.dst.alive() else "(exited)"
         res.mappings = (
             self._block_mappings("source", self.src) if src_alive else getattr(self, "src_maps", [])
         )

@@ -160,7 +160,8 @@ def _object(opts: MachineOptions, value: str) -> None:
         raise OptionError(f"Parameter 'size' expects a non-negative number below 2^64 ({e})") from None
     if size == 0:
         raise OptionError("can't create backend with size 0")
-    share = parse_bool(kv.pop("share"), "share") if "share" in kv else False
+    # QEMU's defaults: memory-backend-memfd shares (share=on), the others do not
+    share = parse_bool(kv.pop("share"), "share") if "share" in kv else qom_type == "memory-backend-memfd"
     mem_path = kv.pop("mem-path", None)
     if qom_type == "memory-backend-file" and not mem_path:
         raise OptionError("mem-path property not set")

@@ -1,0 +1,408 @@
+"""Hostile input to a real destination VM process: crafted CPR state on its cpr socket, crafted main streams on
+its main socket, and a real migration's stream cut short.
+
+Every refusal must come from the `labkit-vm` process itself, the way QEMU refuses: one line on its output and
+exit status 1, nothing mapped that was not checked first, and the source of a real migration recoverable.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import functools
+import io
+import os
+import socket
+import struct
+import time
+from dataclasses import replace
+
+import pytest
+
+from labkit.config import GuestConfig, MiB, VMConfig
+from labkit.faults import StreamRelay, fd_census, unix_socket_listening
+from labkit.machine import Machine, spawn
+from labkit.vm.migration.stream import (
+    QEMUFileOut,
+    qemu_save_device_state,
+    qemu_savevm_state_end,
+    qemu_savevm_state_header,
+    ram_save_iterate_end,
+    ram_save_pages,
+    ram_save_setup,
+)
+
+pytestmark = pytest.mark.timeout(45)
+
+RAM = 32 * MiB
+CONFIG = VMConfig(name="dst", ram=RAM)
+MAGIC = b"QCPR"
+
+
+def wait_for(cond, what: str, timeout: float = 20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := cond():
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def refused(m: Machine) -> str:
+    """The process exited 1 after printing exactly one line; returns it."""
+    rc = m.wait(20)
+    lines = [ln for ln in m.log().splitlines() if ln.strip()]
+    assert rc == 1, (rc, lines)
+    assert len(lines) == 1 and lines[0].startswith("labkit-vm: "), lines
+    return lines[0]
+
+
+# -- CPR state --------------------------------------------------------------------------------------------
+def entry(name: bytes, ident: int = 0, namelen: int | None = None) -> bytes:
+    """One CprFd element up to (not including) its dummy byte."""
+    n = len(name) if namelen is None else namelen
+    return b"\x01" + struct.pack(">I", n) + name + struct.pack(">i", ident)
+
+
+def header(version: int = 1) -> bytes:
+    return MAGIC + struct.pack(">I", version)
+
+
+@functools.cache
+def reference_blocks() -> tuple[tuple[str, int], ...]:
+    """(name, size) of every RAM block a VM of CONFIG has, asked of a real one (once)."""
+    with spawn(CONFIG) as m:
+        return tuple((b["name"], b["size"]) for b in m.cmd("x-labkit-ram-blocks"))
+
+
+def block_fds() -> list[tuple[str, int]]:
+    """The memfds a source of CONFIG sends: every RAM block, newest first, at its size."""
+    out = []
+    for name, size in reversed(reference_blocks()):
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        out.append((name, fd))
+    return out
+
+
+@pytest.fixture
+def cpr_dest(tmp_path):
+    """A real destination started with a cpr -incoming; yields (machine, connected cpr socket)."""
+    cpr = str(tmp_path / "cpr.sock")
+    cfg = replace(CONFIG).with_incoming(
+        f"unix:{tmp_path}/main.sock",
+        {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": cpr}},
+    )
+    m = spawn(cfg, connect=False)
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        # bind(), chmod(), listen(): the file exists a moment before it is 0600 and listening (reported)
+        wait_for(lambda: unix_socket_listening(cpr), "the cpr socket")
+        sock.connect(cpr)
+        yield m, sock
+    finally:
+        sock.close()
+        m.kill()
+
+
+def send(sock: socket.socket, data: bytes, fds: list[int] = ()) -> None:
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sock.sendmsg([data], anc)
+
+
+def send_state(sock: socket.socket, items: list[tuple[bytes, int | None]], tail: bytes = b"\x00") -> None:
+    """MAGIC, VERSION, then each (entry bytes, fd or None): the fd rides on the dummy byte."""
+    send(sock, header())
+    for raw, fd in items:
+        send(sock, raw)
+        send(sock, b" ", [fd] if fd is not None else [])
+    if tail:
+        send(sock, tail)
+    sock.shutdown(socket.SHUT_WR)
+
+
+BYTES_CASES = {
+    "bad-magic": (b"XXXX\x00\x00\x00\x01\x00", "Not a migration stream (bad magic 58585858)"),
+    "bad-version": (header(7) + b"\x00", "Unsupported migration stream version 7"),
+    "empty": (b"", "CPR state truncated: stream ended at offset 0"),
+    "truncated-header": (b"QCP", "CPR state truncated: stream ended at offset 3"),
+    "truncated-name": (header() + b"\x01\x00\x00\x00\x05ra", "CPR state truncated"),
+    "overlong-name": (header() + entry(b"x" * 300 + b"\0"), "name too long (301 bytes"),
+    "huge-namelen": (header() + entry(b"", namelen=0xFFFFFFFF), "name too long (4294967295 bytes"),
+    "name-not-terminated": (header() + entry(b"ram0"), "is not one NUL-terminated string"),
+    "no-fd-on-dummy-byte": (header() + entry(b"ram0\0") + b" \x00", "no file descriptor came with"),
+    "wrong-dummy-byte": (header() + entry(b"ram0\0") + b"X", "unexpected byte 0x58"),
+}
+
+
+@pytest.mark.parametrize("case", list(BYTES_CASES))
+def test_cpr_state_bytes_refused(cpr_dest, case):
+    m, sock = cpr_dest
+    data, text = BYTES_CASES[case]
+    if data:
+        sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+    line = refused(m)
+    assert line.startswith("labkit-vm: cpr_state_load: ") and text in line, line
+
+
+def test_cpr_state_too_many_fds(cpr_dest):
+    m, sock = cpr_dest
+    fds = [os.memfd_create(f"x{i}", os.MFD_CLOEXEC) for i in range(66)]
+    try:
+        with contextlib.suppress(OSError):  # the destination may hang up before we are done
+            send_state(sock, [(entry(f"x{i}".encode() + b"\0"), fd) for i, fd in enumerate(fds)])
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert "too many file descriptors (more than 64)" in refused(m)
+
+
+def test_cpr_state_duplicate_name(cpr_dest):
+    m, sock = cpr_dest
+    a, b = os.memfd_create("ram0"), os.memfd_create("ram0")
+    try:
+        send_state(sock, [(entry(b"ram0\0"), a), (entry(b"ram0\0"), b)])
+    finally:
+        os.close(a)
+        os.close(b)
+    assert "unexpected cpr fd 'ram0' id 0 (duplicate or non-zero id)" in refused(m)
+
+
+def _wrong_fd(kind: str, tmp_path) -> tuple[int, list[int]]:
+    """An fd of the given kind to pass off as ram0's memfd, plus every fd to close afterwards."""
+    if kind == "pipe":
+        r, w = os.pipe()
+        return r, [r, w]
+    if kind == "socket":
+        a, b = socket.socketpair()
+        fa, fb = a.detach(), b.detach()
+        return fa, [fa, fb]
+    if kind == "regular file":
+        fd = os.open(tmp_path / "ram0", os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(fd, RAM)
+        return fd, [fd]
+    fd = os.memfd_create("ram0", os.MFD_CLOEXEC)  # a memfd of the wrong size
+    os.ftruncate(fd, RAM // 2)
+    return fd, [fd]
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socket", "regular file", "wrong size"])
+def test_cpr_fd_of_the_wrong_kind_refused_before_mapping(cpr_dest, tmp_path, kind):
+    m, sock = cpr_dest
+    bad, to_close = _wrong_fd(kind, tmp_path)
+    good = block_fds()
+    try:
+        items = [(entry(n.encode() + b"\0"), fd) for n, fd in good if n != "ram0"]
+        items.insert(0, (entry(b"ram0\0"), bad))
+        send_state(sock, items)
+    finally:
+        for fd in to_close + [fd for _, fd in good]:
+            os.close(fd)
+    line = refused(m)
+    assert line.startswith("labkit-vm: cpr fd for RAM block ram0: "), line
+    if kind == "wrong size":
+        assert f"has size {RAM // 2} bytes, expected {RAM} bytes" in line
+    else:
+        assert f" is a {kind} " in line or f" is an {kind} " in line, line
+
+
+def test_cpr_state_well_formed_is_accepted(cpr_dest):
+    """The control: the same crafted bytes with real memfds of the right sizes are accepted and mapped."""
+    m, sock = cpr_dest
+    good = block_fds()
+    try:
+        send_state(sock, [(entry(n.encode() + b"\0"), fd) for n, fd in good])
+    finally:
+        for _, fd in good:
+            os.close(fd)
+    m.connect()
+    blocks = {b["name"]: b["reused"] for b in m.cmd("x-labkit-ram-blocks")}
+    assert all(blocks.values()) and set(blocks) == {n for n, _ in good}
+    assert m.cmd("query-status")["status"] == "inmigrate"
+
+
+# -- main stream ------------------------------------------------------------------------------------------
+@pytest.fixture
+def main_dest(tmp_path):
+    """A real destination listening on main; yields (machine, its RAM blocks, a connected socket)."""
+    path = str(tmp_path / "main.sock")
+    m = spawn(CONFIG.with_incoming(f"unix:{path}"))
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        blocks = [(b["name"], b["size"]) for b in m.cmd("x-labkit-ram-blocks")]
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        sock.connect(path)
+        yield m, blocks, sock
+    finally:
+        sock.close()
+        m.kill()
+
+
+def stream(build) -> bytes:
+    buf = io.BytesIO()
+    f = QEMUFileOut(buf)
+    build(f)
+    f.flush()
+    return buf.getvalue()
+
+
+def _setup(blocks):
+    def build(f):
+        qemu_savevm_state_header(f)
+        ram_save_setup(f, blocks)
+
+    return build
+
+
+def _with(blocks, *more):
+    def build(f):
+        _setup(blocks)(f)
+        for step in more:
+            step(f)
+
+    return build
+
+
+def _device(name: str, payload: bytes):
+    return lambda f: qemu_save_device_state(f, name, 0, 1, payload)
+
+
+def _pages(block: str, first: int, n: int):
+    def step(f):
+        ram_save_pages(f, block, first, memoryview(bytes(range(256)) * 16 * n), detect_zero=False)
+        ram_save_iterate_end(f)
+
+    return step
+
+
+def _raw(data: bytes):
+    def step(f):
+        f.flush()
+        f.put_bytes(data)
+
+    return step
+
+
+def _record(block: str, offset: int, npages: int, flags: int = 0x08) -> bytes:
+    name = block.encode()
+    return struct.pack(">Q", offset | flags) + bytes([len(name)]) + name + struct.pack(">I", npages)
+
+
+MAIN_CASES = {
+    "bad-magic": (lambda b: b"QEVX\x00\x00\x00\x03", "Not a migration stream (bad magic 51455658)"),
+    "bad-version": (lambda b: b"QEVM\x00\x00\x00\x09", "Unsupported migration stream version 9"),
+    "empty": (lambda b: b"", "Input stream ended unexpectedly"),
+    "truncated-after-setup": (lambda b: stream(_setup(b)), "Input stream ended unexpectedly"),
+    "truncated-mid-page": (
+        lambda b: stream(_with(b, _pages("ram0", 10, 4)))[:-100],
+        "Input stream ended unexpectedly",
+    ),
+    "unknown-device-section": (
+        lambda b: stream(_with(b, _device("nosuchdev", b"{}"))),
+        "Unknown savevm section or instance 'nosuchdev' 0",
+    ),
+    "garbage-device-state": (
+        lambda b: stream(_with(b, _device("cpu", b"\xff\xfe not json"))),
+        "error while loading state for instance 0x0 of device 'cpu'",
+    ),
+    "oversized-device-length": (
+        lambda b: stream(
+            _with(b, _raw(b"\x04\x00\x00\x00\x07\x03cpu" + struct.pack(">III", 0, 1, 0xFFFFFFF0)))
+        ),
+        "payload length 4294967280 exceeds the limit",
+    ),
+    "page-beyond-ram": (
+        lambda b: stream(_with(b, _raw(b"\x02\x00\x00\x00\x00" + _record("ram0", RAM, 1)))),
+        f"Illegal RAM offset {RAM:x}",
+    ),
+    "run-past-the-end": (
+        lambda b: stream(_with(b, _raw(b"\x02\x00\x00\x00\x00" + _record("ram0", 0, 0xFFFFFFFF)))),
+        f"Illegal RAM offset {RAM:x}",
+    ),
+    "unknown-ram-block": (
+        lambda b: stream(_setup([("bogus", 4096)])),
+        'Unknown ramblock "bogus", cannot accept migration',
+    ),
+    "ram-block-length-mismatch": (
+        lambda b: stream(_setup([(n, s * 2) if n == "ram0" else (n, s) for n, s in b])),
+        "Length mismatch: ram0",
+    ),
+    "unknown-section-type": (lambda b: stream(_with(b, _raw(b"\x42"))), "Unknown savevm section type 66"),
+    "unknown-section-id": (
+        lambda b: stream(_with(b, _raw(b"\x02\x00\x00\x00\x63"))),
+        "Unknown savevm section 99",
+    ),
+    "too-many-ram-blocks": (
+        lambda b: (
+            b"QEVM\x00\x00\x00\x03\x01\x00\x00\x00\x00\x03ram\x00\x00\x00\x00\x00\x00\x00\x04"
+            + struct.pack(">Q", (1 << 62) | 0x04)
+            + b"".join(bytes([5]) + f"b{i:04d}".encode() + struct.pack(">Q", 4096) for i in range(4097))
+        ),
+        "Too many RAM blocks (more than 4096)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MAIN_CASES))
+def test_main_stream_refused(main_dest, case):
+    m, blocks, sock = main_dest
+    make, text = MAIN_CASES[case]
+    with contextlib.suppress(OSError):  # the destination may stop reading as soon as it has seen enough
+        sock.sendall(make(blocks))
+        sock.shutdown(socket.SHUT_WR)
+    line = refused(m)
+    assert line.startswith("labkit-vm: load of migration failed: ") and text in line, line
+
+
+def test_main_stream_well_formed_is_accepted(main_dest):
+    """The control: the same builders, used right, give a stream the destination loads and runs."""
+    m, blocks, sock = main_dest
+
+    def build(f):
+        _setup(blocks)(f)
+        _pages("ram0", 0, 1)(f)
+        qemu_savevm_state_end(f)
+
+    sock.sendall(stream(build))
+    sock.shutdown(socket.SHUT_WR)
+    wait_for(lambda: m.cmd("query-migrate")["status"] == "completed", "the load to complete")
+    assert m.cmd("query-status")["status"] in ("running", "paused")
+
+
+# -- a real migration's stream, cut ----------------------------------------------------------------------
+@pytest.mark.parametrize("cut", [4, 8 + 5, 256 * 1024 + 7])
+def test_real_stream_cut_short(tmp_path, cut):
+    """The destination refuses the cut stream (exit 1, one line); the source fails and runs on, memory intact."""
+    front, back = str(tmp_path / "main.sock"), str(tmp_path / "dst.sock")
+    src = spawn(VMConfig(name="src", ram=RAM, guest=GuestConfig(dirty_rate=16 * MiB)))
+    dst = spawn(CONFIG.with_incoming(f"unix:{back}"))
+    relay = StreamRelay(front, back, limit=cut, then="cut")
+    try:
+        src.cmd("query-status")
+        before = fd_census(src.pid)
+        src.cmd("migrate", {"uri": f"unix:{front}"})
+        line = refused(dst)
+        assert "load of migration failed: Input stream ended unexpectedly" in line
+        info = wait_for(
+            lambda: (i := src.cmd("query-migrate"))["status"] in ("failed", "completed") and i, "the source"
+        )
+        assert info["status"] == "failed" and info["error-desc"], info
+        assert src.cmd("query-status")["status"] == "running"
+        assert src.cmd("x-labkit-verify")["ok"]
+        assert fd_census(src.pid) == before
+    finally:
+        relay.close()
+        dst.kill()
+        src.shutdown()
+
+
+def test_quit_while_a_stalled_stream_loads(main_dest):
+    """A client that sends a header and then nothing keeps the load waiting (as in QEMU); `quit` still ends the
+    process at once, with status 0 and no "load failed" line: an exit asked for is not a failure."""
+    m, blocks, sock = main_dest
+    sock.sendall(stream(_setup(blocks)))
+    wait_for(lambda: m.cmd("query-migrate")["status"] == "active", "the load to start")
+    t0 = time.monotonic()
+    assert m.shutdown() == 0
+    assert time.monotonic() - t0 < 10

@@ -116,6 +116,8 @@ class Lab:
         self.dir = tempfile.mkdtemp(prefix="labkit-lab-")
         os.chmod(self.dir, 0o700)
         mem_path = os.path.join(self.dir, "guest-ram") if memory_backend == "file" else None
+        if share is None and memory_backend == "file":
+            share = True  # the lab's file backend is a shared file, the set-up cpr-reboot's docs recommend
         self.config = VMConfig(
             name="source",
             ram=parse_size(ram, "m") if isinstance(ram, str) else ram,

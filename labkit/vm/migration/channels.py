@@ -29,6 +29,7 @@ qapi/qobject-input-visitor.c (error texts), util/keyval.c.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import ipaddress
 import json
@@ -642,6 +643,32 @@ def _socket_from_fd_str(fdstr: str) -> socket.socket:
     return socket.socket(fileno=fd)
 
 
+def unix_listen(path: str, backlog: int = 1) -> socket.socket:
+    """A listening unix socket at `path`, mode 0600, that appears only once it listens.
+
+    The socket is bound under a temporary name beside `path`, made 0600 before it can be reached, put to
+    listen, then renamed into place: a client that sees the path can connect at once (no window between
+    bind and listen where it would be refused), and never through a wider mode. A stale socket file at
+    `path` is replaced, as QEMU's unix_listen_saddr removes it.
+    """
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.fchmod(sock.fileno(), 0o600)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        sock.bind(tmp)
+        os.chmod(tmp, 0o600)
+        sock.listen(backlog)
+        os.replace(tmp, path)
+    except OSError:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return sock
+
+
 def migration_listen(ch: MigrationChannel) -> socket.socket | None:
     """Destination side of a main channel: a listening unix (mode 0600) or inet socket.
 
@@ -655,21 +682,12 @@ def migration_listen(ch: MigrationChannel) -> socket.socket | None:
     if a.transport == "socket" and a.type == "unix":
         assert a.path is not None
         _unix_sockaddr_check(a.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            try:
-                os.unlink(a.path)  # QEMU's unix_listen_saddr removes a stale socket file too
-            except FileNotFoundError:
-                pass
-            sock.bind(a.path)
-            os.chmod(a.path, 0o600)
-            sock.listen(1)
+            return unix_listen(a.path)
         except OSError as err:
-            sock.close()
             raise MigrationChannelError(
                 f"Failed to bind socket to {a.path}: {os.strerror(err.errno or 22)}"
             ) from None
-        return sock
     if a.transport == "socket" and a.type == "inet":
         host = a.host or DEFAULT_INET_HOST
         try:

@@ -61,7 +61,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from labkit.vm.migration.channels import MigrationAddress, MigrationChannel
+from labkit.vm.migration.channels import MigrationAddress, MigrationChannel, unix_listen
 
 __all__ = [
     "QEMU_CPR_FILE_MAGIC",
@@ -446,14 +446,19 @@ def cpr_transfer_output(
     return sock
 
 
-def _listen_cleanup(listener: socket.socket) -> None:
-    """Close a listening socket and remove its socket file, as QEMU's socket_listen_cleanup does."""
-    try:
-        path = listener.getsockname()
-    except OSError:
-        path = None
+def _listen_cleanup(listener: socket.socket, path: str | None) -> None:
+    """Close a listening socket and remove its socket file, as QEMU's socket_listen_cleanup does.
+
+    The path is passed in: the socket was bound under a temporary name and renamed (channels.unix_listen),
+    so getsockname() no longer names the file; a pre-opened listener (type=fd) is still asked."""
+    if path is None:
+        try:
+            name = listener.getsockname()
+            path = name if isinstance(name, str) and name else None
+        except OSError:
+            path = None
     listener.close()
-    if isinstance(path, str) and path:
+    if path:
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -465,19 +470,10 @@ def _cpr_listener(a: MigrationAddress) -> socket.socket:
         assert a.path is not None
         if len(os.fsencode(a.path)) >= 108:
             raise CprError(f"UNIX socket path '{a.path}' is too long")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            try:
-                os.unlink(a.path)
-            except FileNotFoundError:
-                pass
-            listener.bind(a.path)
-            os.chmod(a.path, 0o600)
-            listener.listen(1)
+            return unix_listen(a.path)  # 0600, and listening before the path appears
         except OSError as err:
-            listener.close()
             raise CprError(f"Failed to bind socket to {a.path}: {err.strerror}") from None
-        return listener
     # type=fd: a listening socket the parent pre-opened and passed by number (QEMU's qtest does this).
     fdstr = a.str or ""
     if not fdstr.lstrip("-").isdigit():
@@ -513,7 +509,7 @@ def cpr_transfer_input(
             f"timed out after {timeout} s waiting for the source on the cpr channel {where}"
         ) from None
     finally:
-        _listen_cleanup(listener)
+        _listen_cleanup(listener, a.path if a.type == "unix" else None)
     conn.settimeout(None)
     return conn
 

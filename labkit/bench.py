@@ -58,7 +58,7 @@ def _stats(values: list[float]) -> dict[str, float | None]:
 
 # -- machine facts and ceilings ------------------------------------------------------------------------------
 def machine_facts() -> dict[str, Any]:
-    from labkit.doctor import kvm_usable, qemu_version
+    from labkit.backends.qemu_guest import kvm_usable, qemu_version
 
     cpu = ""
     try:
@@ -66,7 +66,7 @@ def machine_facts() -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
-    _, qver = qemu_version()
+    qver = qemu_version()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -225,12 +225,12 @@ def vm_bench(reps: int = 3, ram: int = 1024 * MiB) -> dict[str, Any]:
 
 # -- migrations ----------------------------------------------------------------------------------------------
 def available_backends(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
-    from labkit.doctor import qemu_version
+    from labkit.backends.qemu_guest import qemu_version
 
     out, skipped = [], {}
     for b in wanted:
         if b == "qemu":
-            _, ver = qemu_version()
+            ver = qemu_version()
             if not ver or ver < (10, 0, 0):
                 skipped[b] = "qemu-system-x86_64 >= 10.0 not installed (scripts/install-qemu)"
                 continue

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import platform
-import re
-import shutil
 import socket
-import subprocess
 import sys
 
 from labkit import __version__
+from labkit.backends.qemu_guest import kvm_usable, qemu_binary, qemu_version
 
 
 def _memfd_and_scm_rights() -> tuple[bool, str]:
@@ -36,30 +34,10 @@ def _memfd_and_scm_rights() -> tuple[bool, str]:
         return False, f"unavailable: {e}"
 
 
-def kvm_usable() -> bool:
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
-
-
-def qemu_version(binary: str = "qemu-system-x86_64") -> tuple[str | None, tuple[int, int, int] | None]:
-    path = shutil.which(binary)
-    if not path:
-        return None, None
-    try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return path, None
-    m = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
-    return path, (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
-
-
 def doctor() -> dict:
     ok, memfd_text = _memfd_and_scm_rights()
-    qpath, qver = qemu_version()
+    qpath = qemu_binary()
+    qver = qemu_version(qpath) if qpath else None
     return {
         "python": platform.python_version(),
         "labkit": __version__,

@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+from helpers import CPR_TRANSFER_SOURCE_EVENTS
 
 from labkit.backends.qemu import QemuOps, parse_ramblocks, qemu_argv, qemu_missing, wall_to_monotonic_ns
 from labkit.config import GuestConfig, MiB, VMConfig
@@ -204,15 +205,7 @@ def test_lab_cpr_transfer_on_qemu_shares_the_memfd():
     assert r.status == "completed", r.error
     check_result_fields(r, dst_events)
     assert r.states == {"source": "postmigrate", "destination": "running"}
-    assert src_events == [
-        "MIGRATION setup",
-        "STOP",
-        "MIGRATION_PASS",
-        "MIGRATION active",
-        "MIGRATION device",
-        "MIGRATION_PASS",
-        "MIGRATION completed",
-    ]
+    assert src_events == CPR_TRANSFER_SOURCE_EVENTS
     # its monitor opened after migrate: nothing earlier is kept (and rarely not even RESUME)
     assert dst_events in (["RESUME"], [])
     assert r.bytes["main"] < 1 << 20 and r.bytes["cpr"] is None  # QEMU does not count its cpr channel

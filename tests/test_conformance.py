@@ -13,6 +13,7 @@ import os
 import tempfile
 
 import pytest
+from helpers import CPR_TRANSFER_SOURCE_EVENTS, unix
 
 from labkit.backends import qemu_guest as qg
 from labkit.backends.qemu import qemu_missing
@@ -95,15 +96,7 @@ def test_cpr_transfer_matches():
         assert qemu["result"].pause_ms["events"] is None
         qemu["destination"] = ["RESUME"]
     assert qemu["destination"] == emu["destination"]
-    assert qemu["source"] == [
-        "MIGRATION setup",
-        "STOP",
-        "MIGRATION_PASS",
-        "MIGRATION active",
-        "MIGRATION device",
-        "MIGRATION_PASS",
-        "MIGRATION completed",
-    ]
+    assert qemu["source"] == CPR_TRANSFER_SOURCE_EVENTS
     for side in (emu, qemu):
         r = side["result"]
         ram0 = {m.side: m for m in r.mappings if m.block == "ram0"}
@@ -145,15 +138,7 @@ def test_cpr_reboot_matches():
     for side in (emu, qemu):
         side["source"] = without_stopped_passes(side["source"])
     compare(emu, qemu, ("status", "error", "states", "source", "destination", "verified", "query-migrate"))
-    assert qemu["source"] == [
-        "MIGRATION setup",
-        "STOP",
-        "MIGRATION_PASS",
-        "MIGRATION active",
-        "MIGRATION device",
-        "MIGRATION_PASS",
-        "MIGRATION completed",
-    ]
+    assert qemu["source"] == CPR_TRANSFER_SOURCE_EVENTS
     assert qemu["destination"] == ["MIGRATION setup", "MIGRATION active", "RESUME", "MIGRATION completed"]
 
 
@@ -168,8 +153,6 @@ def test_memory_backend_ram_blocker_in_the_lab_matches():
 
 
 # -- blockers and bad channels, one fresh source each ------------------------------------------------------
-def unix(path: str, ctype: str = "main") -> dict:
-    return {"channel-type": ctype, "addr": {"transport": "socket", "type": "unix", "path": path}}
 
 
 CPR_INET = {

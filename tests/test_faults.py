@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers import unix, wait_for
 
 from labkit.config import GuestConfig, MiB, VMConfig
 from labkit.faults import (
@@ -42,18 +43,6 @@ TERMINAL = ("completed", "failed", "cancelled")
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
-def wait_for(cond: Callable[[], object], what: str, timeout: float = 20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def unix(path: str, ctype: str = "main") -> dict:
-    return {"channel-type": ctype, "addr": {"transport": "socket", "type": "unix", "path": str(path)}}
 
 
 class Rig:

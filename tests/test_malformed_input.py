@@ -18,6 +18,7 @@ import time
 from dataclasses import replace
 
 import pytest
+from helpers import wait_for
 
 from labkit.config import GuestConfig, MiB, VMConfig
 from labkit.faults import StreamRelay, fd_census, unix_socket_listening
@@ -37,15 +38,6 @@ pytestmark = pytest.mark.timeout(45)
 RAM = 32 * MiB
 CONFIG = VMConfig(name="dst", ram=RAM)
 MAGIC = b"QCPR"
-
-
-def wait_for(cond, what: str, timeout: float = 20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := cond():
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def refused(m: Machine) -> str:

@@ -8,6 +8,7 @@ import struct
 import time
 
 import pytest
+from helpers import CPR_TRANSFER_SOURCE_EVENTS, unix
 
 from labkit.config import GuestConfig, MiB, VMConfig
 from labkit.lab import Lab, migrate
@@ -58,10 +59,6 @@ def set_mode(m, mode):
     m.cmd("migrate-set-parameters", {"mode": mode})
 
 
-def unix(path, ctype="main"):
-    return {"channel-type": ctype, "addr": {"transport": "socket", "type": "unix", "path": path}}
-
-
 def wait_status(m, statuses, timeout=30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -82,15 +79,7 @@ def test_cpr_transfer_end_to_end():
     assert r.guest_verified and r.verify["written"] > 0
     assert r.bytes["main"] < 64 * 1024 and r.bytes["cpr"] > 0
     assert r.states == {"source": "postmigrate", "destination": "running"}
-    assert src_events == [
-        "MIGRATION setup",
-        "STOP",
-        "MIGRATION_PASS",
-        "MIGRATION active",
-        "MIGRATION device",
-        "MIGRATION_PASS",
-        "MIGRATION completed",
-    ]
+    assert src_events == CPR_TRANSFER_SOURCE_EVENTS
     assert dst_events == ["RESUME"]  # its monitor opens after the source migrates: events were off
     ram0 = {m.side: m for m in r.mappings if m.block == "ram0"}
     assert ram0["source"].inode == ram0["destination"].inode

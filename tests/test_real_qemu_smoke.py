@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helpers import CPR_TRANSFER_SOURCE_EVENTS
 
 from labkit.backends import qemu_guest as qg
 
@@ -211,15 +212,7 @@ def test_cpr_transfer_real_qemu(lab: Lab) -> None:
     t_done = time.monotonic()
 
     # Source events exactly as QEMU 10.0.2 did (qemu-10-observed.md).
-    assert _gen_events(src) == [
-        "MIGRATION setup",
-        "STOP",
-        "MIGRATION_PASS",
-        "MIGRATION active",
-        "MIGRATION device",
-        "MIGRATION_PASS",
-        "MIGRATION completed",
-    ]
+    assert _gen_events(src) == CPR_TRANSFER_SOURCE_EVENTS
     assert src.cmd("query-status")["status"] == "postmigrate"
     deadline = time.monotonic() + 10
     while dst.cmd("query-status")["status"] != "running":

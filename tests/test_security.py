@@ -14,11 +14,11 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
 import pytest
+from helpers import wait_for
 
 import labkit
 from labkit.config import MiB, VMConfig
@@ -30,15 +30,6 @@ pytestmark = pytest.mark.timeout(45)
 
 RAM = 32 * MiB
 NOBODY = 65534
-
-
-def wait_for(cond, what: str, timeout: float = 20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := cond():
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def mode(path: str | Path) -> int:

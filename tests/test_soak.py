@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers import unix, wait_for
 
 from labkit.config import GuestConfig, MiB, VMConfig
 from labkit.faults import unix_socket_listening
@@ -24,19 +25,6 @@ from labkit.machine import Machine, spawn
 
 RAM = 32 * MiB
 MODES = ("normal", "cpr-transfer", "cpr-reboot")
-
-
-def wait_for(cond, what: str, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := cond():
-            return value
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def unix(path: str, ctype: str = "main") -> dict:
-    return {"channel-type": ctype, "addr": {"transport": "socket", "type": "unix", "path": path}}
 
 
 def completed(m: Machine) -> bool:

@@ -588,16 +588,12 @@ def migration_connect(ch: MigrationChannel, timeout: float | None) -> socket.soc
     if a.transport == "socket" and a.type == "unix":
         assert a.path is not None
         _unix_sockaddr_check(a.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(timeout)
-            sock.connect(a.path)
+            return unix_connect(a.path, timeout)
         except OSError as err:
-            sock.close()
             raise MigrationChannelError(
                 f"Failed to connect to '{a.path}': {os.strerror(err.errno or 110)}"
             ) from None
-        return sock
     if a.transport == "socket" and a.type == "inet":
         try:
             sock = socket.create_connection((a.host or DEFAULT_INET_HOST, a.port_number), timeout=timeout)
@@ -641,6 +637,19 @@ def _socket_from_fd_str(fdstr: str) -> socket.socket:
     if not stat.S_ISSOCK(mode):
         raise MigrationChannelError(f"File descriptor '{fdstr}' is not a socket")
     return socket.socket(fileno=fd)
+
+
+def unix_connect(path: str, timeout: float | None) -> socket.socket:
+    """A connected unix stream socket (blocking once connected); OSError as connect(2) gives it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
+    sock.settimeout(None)
+    return sock
 
 
 def unix_listen(path: str, backlog: int = 1) -> socket.socket:

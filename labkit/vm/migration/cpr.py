@@ -61,7 +61,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from labkit.vm.migration.channels import MigrationAddress, MigrationChannel, unix_listen
+from labkit.vm.migration.channels import MigrationAddress, MigrationChannel, unix_connect, unix_listen
 
 __all__ = [
     "QEMU_CPR_FILE_MAGIC",
@@ -434,15 +434,11 @@ def cpr_transfer_output(
         raise CprAddressError("bad cpr channel address; must be unix")
     if len(os.fsencode(a.path)) >= 108:
         raise CprError(f"UNIX socket path '{a.path}' is too long")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.settimeout(timeout)
-        sock.connect(a.path)
+        sock = unix_connect(a.path, timeout)
     except OSError as err:
-        sock.close()
         reason = os.strerror(err.errno) if err.errno else "Connection timed out"
         raise CprError(f"Failed to connect to '{a.path}': {reason}") from None
-    sock.settimeout(None)
     return sock
 
 

@@ -142,6 +142,7 @@ class Lab:
         self.marks: list[TimelineRow] = []
         self.error: str | None = None
         self.migrate_info: dict = {}
+        self._events_from = 0  # index in the source's events where this migration's start
         self._actions: list[Callable[[], None]] = {
             "cpr-transfer": [
                 self._start_source,
@@ -329,6 +330,7 @@ class Lab:
     def _migrate(self, args: dict) -> bool:
         self._reset_gap()
         self.mark("source", "qmp", "migrate")
+        self._events_from = len(self.src.events)
         try:
             self.src.cmd("migrate", args)
         except QMPCommandError as e:
@@ -350,6 +352,11 @@ class Lab:
         if self.stepping and self.error is None:
             with contextlib.suppress(ProcessLookupError):  # it may have died; connect() below then says so
                 os.kill(self.dst.pid, signal.SIGUSR1)  # no monitor yet: a signal lets it read the CPR state
+        if not self.stepping and not self.defer and self.backend == "emulated":
+            # The emulated destination keeps its own event history (x-labkit-events), so the lab can connect
+            # once the source is done: its QMP handshake then does not compete, on two cores, with the pause
+            # it measures. Real QEMU keeps no history, so there the lab connects at once, as users do.
+            self._wait_status(("completed", "failed", "cancelled"))
         try:
             self.dst.connect(self.timeout)
         except (QMPTimeout, ConnectionError) as e:
@@ -435,24 +442,37 @@ class Lab:
         self._failed(f"timed out after {self.timeout} s waiting for {what}")
 
     def _wait_status(self, statuses: tuple[str, ...]) -> None:
+        """Wait for the source's migration status. With the events capability on, MIGRATION events say it:
+        no query-migrate is sent while the migration runs, so the lab does not make the source's monitor
+        parse and answer requests in the middle of the pause it measures. Without events, it polls."""
         if self.error is not None or self.src is None:
             return
         info: dict = {}
 
+        def seen() -> str | None:
+            for ev in self.src.events[self._events_from :]:
+                if ev.get("event") == "MIGRATION" and ev.get("data", {}).get("status") in statuses:
+                    return ev["data"]["status"]
+            return None
+
         def reached() -> bool:
-            info.update(self.src.cmd("query-migrate", timeout=10))
+            if self.events_cap and seen() is not None:
+                return True
+            if not self.events_cap:
+                info.update(self.src.cmd("query-migrate", timeout=10))
             return info.get("status") in statuses
 
         def nap(seconds: float) -> None:
-            # with the events capability on, a MIGRATION event wakes us at once; the poll is the fallback
-            seen = len(self.src.events)
             try:
-                self.src.qmp.wait_event("MIGRATION", timeout=seconds * 5, after=seen)
+                self.src.qmp.wait_event("MIGRATION", timeout=seconds * 5, after=len(self.src.events))
             except QMPTimeout:
-                pass
+                if self.events_cap:  # no event for a while: ask, in case one was missed
+                    info.update(self.src.cmd("query-migrate", timeout=10))
 
         self._wait_for(reached, f"migration status {'/'.join(statuses)}", self.src, nap=nap)
-        if info.get("status") in ("failed", "cancelled"):
+        status = (seen() if self.events_cap else None) or info.get("status")
+        if status in ("failed", "cancelled"):
+            info.update(self.src.cmd("query-migrate", timeout=10))
             self._failed(info.get("error-desc") or f"migration {info.get('status')}")
 
     # -- observing ---------------------------------------------------------------------------------------

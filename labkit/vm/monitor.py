@@ -991,11 +991,14 @@ class Monitor:
             session = self._session
             if session is None or not session.negotiated or self._loop is None:
                 return
+            wake = not self._event_queue  # a flush is already due when events are queued: one wake-up
             self._event_queue.append((session, encoded))
             loop = self._loop
         if threading.get_ident() == self._loop_thread:
             self._flush_events()
-        else:
+        elif wake:
+            # Each wake-up hands the GIL to the loop thread; a burst of events (a migration's completion
+            # emits four within a millisecond) costs one hand-over, not four, in the middle of the pause.
             try:
                 loop.call_soon_threadsafe(self._flush_events)
             except RuntimeError:  # loop already closed: the client is gone too

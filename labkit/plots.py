@@ -86,18 +86,15 @@ def plot_address_space(mappings: Iterable[MappingRow], title: str = "guest RAM i
         # their real addresses, so a 4 KiB ROM and a 1 GiB RAM block are both visible
         y = 0.0
         for r in blocks:
-            h = max(0.4, np.log2(max(r.size, 4096)) - 11)
+            h = max(2.2, np.log2(max(r.size, 4096)) - 11)
             ax.add_patch(
                 Rectangle((x_of[side], y), 1.0, h, facecolor=colour[r.inode], edgecolor="black", alpha=0.75)
             )
-            ax.text(
-                x_of[side] + 0.5,
-                y + h / 2,
-                f"{r.block}\n{r.start:#x}\n{_human(r.size)} inode {r.inode}",
-                ha="center",
-                va="center",
-                fontsize=6,
-            )
+            if h >= 3:  # room for three lines
+                label = f"{r.block}\n{r.start:#x}\n{_human(r.size)}, inode {r.inode}"
+            else:
+                label = f"{r.block}  {_human(r.size)}\n{r.start:#x}  inode {r.inode}"
+            ax.text(x_of[side] + 0.5, y + h / 2, label, ha="center", va="center", fontsize=7)
             centre[(side, r.inode)] = (x_of[side], y + h / 2)
             y += h + 0.3
         ax.text(x_of[side] + 0.5, -0.6, side, ha="center", va="top", fontsize=10, weight="bold")

@@ -36,8 +36,12 @@ def _migration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="cpr-transfer", choices=["normal", "cpr-reboot", "cpr-transfer"])
     p.add_argument("--ram", default="256M", type=_ram, help="guest RAM (QEMU size: 256M, 1G; default unit M)")
     p.add_argument("--memory-backend", default="memfd", choices=["memfd", "ram", "file", "epc", "none"])
-    p.add_argument("--share", default=None, choices=["on", "off"],
-                   help="share= of the memory backend (default: the backend's own, on for memfd, off for ram/file)")
+    p.add_argument(
+        "--share",
+        default=None,
+        choices=["on", "off"],
+        help="share= of the memory backend (default: the backend's own, on for memfd, off for ram/file)",
+    )
     p.add_argument("--aux-ram-share", default="on", choices=["on", "off"])
     p.add_argument("--dirty-rate", default="0", type=_size, help="bytes/s the guest writes (e.g. 256M)")
     p.add_argument("--pattern", default="sequential", choices=["sequential", "random", "hotset"])
@@ -157,7 +161,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.reps:
         plan.reps = args.reps
     report = run_bench(plan, show_progress=not args.json)
-    command = "labkit bench " + " ".join(shlex.quote(a) for a in args.argv)
+    command = "labkit " + " ".join(shlex.quote(a) for a in args.argv)
     if args.csv:
         os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
         write_csv(report, args.csv, command)

@@ -523,8 +523,12 @@ class MigrationState:
             return out
         if self.status == "failed":
             out["error-desc"] = self.error_desc or "unknown error"
-            out["x-labkit"] = {"bytes-main": self.bytes_main, "bytes-cpr": self.bytes_cpr, "mode": self.mode(),
-                               "checkpoints": [{"name": n, "monotonic-ns": t} for n, t in self.checkpoints]}
+            out["x-labkit"] = {
+                "bytes-main": self.bytes_main,
+                "bytes-cpr": self.bytes_cpr,
+                "mode": self.mode(),
+                "checkpoints": [{"name": n, "monotonic-ns": t} for n, t in self.checkpoints],
+            }
             return out
         now = time.monotonic()
         end = self.t_end or now

@@ -34,8 +34,8 @@ def ram():
 def test_blocks_are_memfds_named_as_qemu_names_them(ram):
     import os
 
-    names = [b.idstr for b in ram]
-    assert names == ["ram0", *[n for n, _ in IMPLICIT_BLOCKS]]
+    names = [b.idstr for b in ram.created]
+    assert names == ["ram0", *[imp.idstr for imp in IMPLICIT_BLOCKS]]
     paths = {m.path for m in read_maps(os.getpid())}
     for name in names:
         assert f"/memfd:{name} (deleted)" in paths

@@ -6,6 +6,11 @@ file. The PC's implicit blocks (firmware, option ROMs, video RAM, ACPI tables) a
 `-machine aux-ram-share=on`, which turns them into memfds too: that is what lets cpr-transfer hand *every* block
 to the new process. Each block carries a dirty bitmap that the guest fills (it plays KVM's dirty log, since this
 kernel has no soft-dirty bits).
+
+A block has a used length (what the guest sees and migration sends) and a maximum length (what is reserved,
+mapped and, for a memfd, the file's size): ACPI tables use 128 KiB of 2 MiB so they can grow after a reset.
+QEMU keeps ram_list sorted by maximum length, largest first, and registers CPR fds in creation order; both
+orders are kept here, because the main stream follows the first and the CPR state and the blockers the second.
 """
 
 from __future__ import annotations
@@ -22,16 +27,46 @@ from labkit.vm.options import MachineOptions
 PAGE_SIZE = 4096
 MADV_POPULATE_WRITE = 23  # linux/mman.h; pre-faults a mapping so the first writes do not fault page by page
 
-# The implicit RAM blocks a q35 PC has, in creation order, with QEMU's names (sizes are QEMU's for a plain
-# q35 with SeaBIOS, rounded to pages). QEMU prepends CPR blockers, so the block created last is the one an
-# error names: /rom@etc/acpi/rsdp, as QEMU 10.0.2 did here.
-IMPLICIT_BLOCKS: tuple[tuple[str, int], ...] = (
-    ("pc.bios", 256 << 10),
-    ("pc.rom", 128 << 10),
-    ("vga.vram", 1 << 20),
-    ("/rom@etc/acpi/tables", 128 << 10),
-    ("/rom@etc/table-loader", 64 << 10),
-    ("/rom@etc/acpi/rsdp", 4 << 10),
+RAM_BLOCK_ALIGN = 64 * PAGE_SIZE  # find_ram_offset(): a block starts on a 'long' of the dirty bitmap
+
+
+@dataclass(frozen=True)
+class ImplicitBlock:
+    """A RAM block the q35 machine or one of its default devices creates itself (no -object describes it)."""
+
+    name: str  # the MemoryRegion's name: what CPR blockers and size errors print
+    used: int
+    max: int
+    readonly: bool = True
+    dev: str | None = None  # qdev_get_dev_path() of the owning PCI device: the idstr is "dev/name"
+    default_device: bool = False  # belongs to a default device (VGA, NIC): absent with -nodefaults
+
+    @property
+    def idstr(self) -> str:
+        """qemu_ram_set_idstr(): "<PCI path>/<name>" for device RAM, the bare name otherwise (= cpr_name())."""
+        return f"{self.dev}/{self.name}" if self.dev else self.name
+
+
+# The implicit blocks of `-machine q35` with SeaBIOS, in creation order, as QEMU 10.0.2's `info ramblock`
+# lists them here (used and maximum lengths, PCI paths). Without -nodefaults q35 adds a VGA at 00:01.0 and an
+# e1000e NIC at 00:02.0. QEMU prepends CPR blockers, so the block created last is the one `migrate` names:
+# /rom@etc/acpi/rsdp, as QEMU 10.0.2 did here.
+IMPLICIT_BLOCKS: tuple[ImplicitBlock, ...] = (
+    ImplicitBlock("pc.bios", 256 << 10, 256 << 10),
+    ImplicitBlock("pc.rom", 128 << 10, 128 << 10),
+    ImplicitBlock("vga.vram", 16 << 20, 16 << 20, False, "0000:00:01.0", True),
+    ImplicitBlock("vga.rom", 64 << 10, 64 << 10, True, "0000:00:01.0", True),
+    ImplicitBlock("e1000e.rom", 256 << 10, 256 << 10, True, "0000:00:02.0", True),
+    ImplicitBlock("/rom@etc/acpi/tables", 128 << 10, 2 << 20),
+    ImplicitBlock("/rom@etc/table-loader", 4 << 10, 64 << 10),
+    ImplicitBlock("/rom@etc/acpi/rsdp", 4 << 10, 4 << 10),
+)
+
+# qemu_ram_alloc_from_fd()'s refusal of an fd smaller than the block (QEMU 10.0.2's text; the name is the
+# MemoryRegion's, the sizes are hexadecimal, the offset is always 0 here).
+BACKING_STORE_TOO_SMALL = (
+    "{name} backing store size 0x{size:x} is too small for 'size' option 0x{max_length:x} "
+    "plus 'offset' option 0x0"
 )
 
 CPR_BLOCKER_TEXT = (
@@ -49,16 +84,28 @@ class RAMBlock:
     """One block of guest RAM and its dirty bitmap (QEMU's RAMBlock + its KVM dirty log)."""
 
     idstr: str
-    size: int
+    size: int  # QEMU's used_length: what the guest sees and migration sends
     kind: str  # memfd | anon | file
     backend: str  # the QOM type (memory-backend-memfd, ...) or "implicit"
     shared: bool
     fd: int = -1  # -1 for private anonymous memory
     path: str | None = None  # file path for memory-backend-file
     reused: bool = False  # True when the memory came over the CPR channel and must not be re-initialised
+    max_length: int = 0  # what is mapped (and the memfd's size); 0 = the used length
+    mr_name: str = ""  # the MemoryRegion's name ("vga.vram" for "0000:00:01.0/vga.vram"); "" = idstr
+    readonly: bool = False  # a ROM (info ramblock's RO column)
+    offset: int = 0  # the block's ram_addr_t (find_ram_offset), info ramblock's Offset column
     mm: mmap.mmap | None = field(default=None, repr=False)
     dirty: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     dirty_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.max_length = self.max_length or self.size
+        self.mr_name = self.mr_name or self.idstr
+
+    @property
+    def used_length(self) -> int:
+        return self.size
 
     @property
     def npages(self) -> int:
@@ -71,17 +118,18 @@ class RAMBlock:
 
     @property
     def cpr_compatible(self) -> bool:
-        """ram_block_add_cpr_blocker(): compatible iff the block has an fd and is shared."""
+        """ram_is_cpr_compatible(): compatible iff the block has an fd and is shared."""
         return self.fd >= 0 and self.shared and self.backend != "memory-backend-epc"
 
     def array(self) -> np.ndarray:
-        """The block's bytes as a numpy array over the mapping (no copy)."""
+        """The block's used bytes as a numpy array over the mapping (no copy)."""
         assert self.mm is not None
-        return np.frombuffer(self.mm, dtype=np.uint8)
+        return np.frombuffer(self.mm, dtype=np.uint8, count=self.size)
 
     def view(self) -> memoryview:
+        """The block's used bytes (the mapping beyond them is reserved up to max_length)."""
         assert self.mm is not None
-        return memoryview(self.mm)
+        return memoryview(self.mm)[: self.size]
 
     def dirty_sync(self) -> np.ndarray:
         """Take and clear the dirty bitmap (migration_bitmap_sync): pages written since the last sync."""
@@ -111,48 +159,78 @@ def _map(fd: int, size: int, shared: bool) -> mmap.mmap:
     return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 
+def _page_align(n: int) -> int:
+    return (n + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+
+
 def _new_block(
-    idstr: str, size: int, backend: str, shared: bool, mem_path: str | None, cpr_fds: dict[str, int]
+    idstr: str,
+    size: int,
+    backend: str,
+    shared: bool,
+    mem_path: str | None,
+    cpr_fds: dict[str, int],
+    *,
+    max_length: int = 0,
+    mr_name: str = "",
+    readonly: bool = False,
 ) -> RAMBlock:
-    """Allocate (or, under cpr-transfer, adopt) the memory of one block, as qemu_ram_alloc_internal does."""
-    size = (size + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+    """Allocate (or, under cpr-transfer, adopt) the memory of one block, as qemu_ram_alloc_internal does:
+    max_length is reserved and mapped, a new memfd is created that large, and the guest uses `size` of it."""
+    size = _page_align(size)
+    max_length = _page_align(max(max_length, size))
+    mr_name = mr_name or idstr
     if backend == "memory-backend-file":
         assert mem_path is not None
         fd = os.open(mem_path, os.O_RDWR | os.O_CREAT, 0o600)
         if os.fstat(fd).st_size < size:
             os.ftruncate(fd, size)
-        block = RAMBlock(idstr, size, "file", backend, shared, fd, mem_path)
+        block = RAMBlock(idstr, size, "file", backend, shared, fd, mem_path, mr_name=mr_name)
         block.mm = _map(fd, size, shared)
         if not shared:
             os.close(fd)
             block.fd = -1
     elif shared:
-        fd = cpr_fds.pop(idstr, -1)
+        fd = cpr_fds.pop(idstr, -1)  # cpr_find_fd(name, 0)
         reused = fd >= 0
         if reused:
-            _check_cpr_fd(idstr, fd, size)
+            # A memory-backend-memfd maps its fd with grow=false; implicit blocks and memory-backend-ram,
+            # share=on go through qemu_ram_alloc_internal, which passes grow=reused.
+            _adopt_cpr_fd(idstr, mr_name, fd, max_length, grow=backend != "memory-backend-memfd")
         else:
             fd = os.memfd_create(idstr, os.MFD_CLOEXEC)
-            os.ftruncate(fd, size)
+            os.ftruncate(fd, max_length)
         block = RAMBlock(idstr, size, "memfd", backend, True, fd, reused=reused)
-        block.mm = _map(fd, size, True)
+        block.mm = _map(fd, max_length, True)
     else:
         block = RAMBlock(idstr, size, "anon", backend, False)
         block.mm = mmap.mmap(
-            -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            -1, max_length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ | mmap.PROT_WRITE
         )
+    block.max_length = len(block.mm)
+    block.mr_name, block.readonly = mr_name, readonly
     block.dirty = np.zeros(block.npages, dtype=np.uint8)
     return block
 
 
-def _check_cpr_fd(name: str, fd: int, size: int) -> None:
-    """Refuse an fd from the CPR channel that is not the memfd this block expects (checked before mapping)."""
+def _adopt_cpr_fd(idstr: str, mr_name: str, fd: int, max_length: int, grow: bool) -> None:
+    """qemu_ram_alloc_from_fd() on an fd from the CPR channel, before anything is mapped.
+
+    Larger than the block is fine (only max_length is mapped). Smaller is refused with QEMU's text, unless
+    the file is empty or `grow` is set: then it is grown to max_length, which grows the source's memfd too
+    (the same inode), so neither process can touch a page past the end of the file. labkit also refuses an
+    fd that is not a memfd at all, with its own text: QEMU would only fail later, at mmap."""
     from labkit.vm.migration.cpr import CprError, cpr_fd_check
 
     try:
-        cpr_fd_check(fd, size)
+        info = cpr_fd_check(fd)
     except CprError as e:
-        raise MemoryError_(f"cpr fd for RAM block {name}: {e}") from None
+        raise MemoryError_(f"cpr fd for RAM block {idstr}: {e}") from None
+    have = info["size"] or 0
+    if have and have < max_length and not grow:
+        raise MemoryError_(BACKING_STORE_TOO_SMALL.format(name=mr_name, size=have, max_length=max_length))
+    if have < max_length:
+        os.ftruncate(fd, max_length)
 
 
 def populate(block: RAMBlock) -> None:
@@ -165,12 +243,42 @@ def populate(block: RAMBlock) -> None:
         pass
 
 
+def find_ram_offset(blocks: list[RAMBlock], size: int) -> int:
+    """QEMU's find_ram_offset(): the start of the smallest gap in ram_addr_t space that fits `size`, each
+    candidate rounded up to RAM_BLOCK_ALIGN. Blocks are only ever added here, so it ends up appending."""
+    if not blocks:
+        return 0
+    offset, mingap = 0, None
+    for b in blocks:
+        candidate = -(-(b.offset + b.max_length) // RAM_BLOCK_ALIGN) * RAM_BLOCK_ALIGN
+        following = [n.offset for n in blocks if n.offset >= candidate]
+        gap = (min(following) if following else 1 << 64) - candidate
+        if gap >= size and (mingap is None or gap < mingap):
+            offset, mingap = candidate, gap
+    return offset
+
+
 class RAMList:
-    """All RAM blocks of one VM in creation order (QEMU's ram_list), and the system RAM the guest runs in."""
+    """All RAM blocks of one VM (QEMU's ram_list) and the system RAM the guest runs in.
+
+    Iterating gives ram_list's order: largest maximum length first, ties in creation order (ram_block_add
+    inserts a block before the first smaller one). `created` keeps creation order, which is the order QEMU
+    registers CPR fds and adds CPR blockers in."""
 
     def __init__(self, blocks: list[RAMBlock], system: RAMBlock):
-        self.blocks = blocks
+        self.created = list(blocks)
+        self.blocks: list[RAMBlock] = []
+        for b in self.created:
+            self.add(b)
         self.system = system
+
+    def add(self, block: RAMBlock) -> None:
+        """ram_block_add(): give the block its ram_addr_t and insert it in ram_list's order."""
+        block.offset = find_ram_offset(self.blocks, block.max_length)
+        at = next((i for i, b in enumerate(self.blocks) if b.max_length < block.max_length), len(self.blocks))
+        self.blocks.insert(at, block)
+        if block not in self.created:
+            self.created.append(block)
 
     def __iter__(self):
         return iter(self.blocks)
@@ -181,11 +289,11 @@ class RAMList:
     def cpr_blockers(self) -> list[str]:
         """The CPR blocker texts in creation order, as query-migrate's blocked-reasons lists them. QEMU
         prepends to migration_blockers, so `migrate` reports the last one (migration_is_blocked)."""
-        return [CPR_BLOCKER_TEXT.format(name=b.idstr) for b in self.blocks if not b.cpr_compatible]
+        return [CPR_BLOCKER_TEXT.format(name=b.mr_name) for b in self.created if not b.cpr_compatible]
 
     def cpr_fds(self) -> list[tuple[str, int]]:
         """(name, fd) of every block whose memory the new process must adopt, in registration order."""
-        return [(b.idstr, b.fd) for b in self.blocks if b.fd >= 0 and b.kind == "memfd"]
+        return [(b.idstr, b.fd) for b in self.created if b.fd >= 0 and b.kind == "memfd"]
 
     def total(self) -> int:
         return sum(b.size for b in self.blocks)
@@ -215,10 +323,20 @@ def ram_blocks_create(opts: MachineOptions, cpr_fds: dict[str, int] | None = Non
             # QEMU's create_default_memdev(): a memory-backend-ram object named pc.ram, share=off.
             system = _new_block("pc.ram", opts.ram_size, "memory-backend-ram", False, None, fds)
             blocks.append(system)
-        for name, size in IMPLICIT_BLOCKS:
-            if name == "vga.vram" and opts.nodefaults:
-                continue  # -nodefaults: no VGA device, so no video RAM (as QEMU)
-            block = _new_block(name, size, "implicit", opts.aux_ram_share, None, fds)
+        for imp in IMPLICIT_BLOCKS:
+            if imp.default_device and opts.nodefaults:
+                continue  # -nodefaults: no VGA and no NIC, so neither their RAM nor their ROMs (as QEMU)
+            block = _new_block(
+                imp.idstr,
+                imp.used,
+                "implicit",
+                opts.aux_ram_share,
+                None,
+                fds,
+                max_length=imp.max,
+                mr_name=imp.name,
+                readonly=imp.readonly,
+            )
             if not block.reused:
                 _load_rom(block)
             blocks.append(block)
@@ -232,24 +350,41 @@ def ram_blocks_create(opts: MachineOptions, cpr_fds: dict[str, int] | None = Non
     return RAMList(blocks, system)
 
 
+def format_ramblock_info(ram: RAMList) -> str:
+    """HMP `info ramblock` / QMP x-query-ramblock's text (ram_block_format()), in ram_list order. The HVA
+    column is where this process mapped the block."""
+    import ctypes
+
+    lines = [
+        f"{'Block Name':>24} {'PSize':>8}  {'Offset':>18} {'Used':>18} {'Total':>18} {'HVA':>18} {'RO':>3}"
+    ]
+    for b in ram:
+        hva = ctypes.addressof(ctypes.c_char.from_buffer(b.mm)) if b.mm is not None else 0
+        lines.append(
+            f"{b.idstr:>24} {'4 KiB':>8}  0x{b.offset:016x} 0x{b.size:016x} 0x{b.max_length:016x} "
+            f"0x{hva:016x} {'ro' if b.readonly else 'rw':>3}"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def rom_image(name: str, size: int) -> np.ndarray:
     """The bytes a firmware/ROM block is loaded with: a pattern derived from its name, so it can be checked."""
     seed = sum(name.encode()) & 0xFF
-    if name == "vga.vram":
-        return np.zeros(size, dtype=np.uint8)
     return ((np.arange(size, dtype=np.uint32) * 31 + seed) & 0xFF).astype(np.uint8)
 
 
 def _load_rom(block: RAMBlock) -> None:
-    """rom_reset(): copy the image in. Skipped for blocks adopted over CPR ('hw/loader: fix roms during cpr')."""
-    block.array()[:] = rom_image(block.idstr, block.size)
+    """rom_reset(): copy the image into a ROM's used length. Skipped for blocks adopted over CPR ('hw/loader:
+    fix roms during cpr'), and for video RAM, which starts as the memfd's zeros."""
+    if block.readonly:
+        block.array()[:] = rom_image(block.idstr, block.size)
 
 
 def verify_roms(ram: RAMList) -> list[str]:
     """Names of implicit blocks whose contents differ from their image (should be none, after any migration)."""
     bad = []
     for b in ram:
-        if b.backend == "implicit" and b.idstr != "vga.vram":
+        if b.backend == "implicit" and b.readonly:
             if not np.array_equal(b.array(), rom_image(b.idstr, b.size)):
                 bad.append(b.idstr)
     return bad

@@ -18,7 +18,7 @@ from labkit import __version__
 from labkit.vm import runstate as rs
 from labkit.vm.devices import CPUDevice, GlobalState, SerialDevice, TimerDevice
 from labkit.vm.guest import VCPU, Guest, verify_guest_memory
-from labkit.vm.memory import RAMList, verify_roms
+from labkit.vm.memory import RAMList, format_ramblock_info, verify_roms
 from labkit.vm.migration.migration import MigrationState
 from labkit.vm.monitor import Monitor, QMPError
 from labkit.vm.options import MachineOptions
@@ -88,6 +88,7 @@ class VM:
         m.register("x-labkit-verify", self.qmp_verify)
         m.register("x-labkit-console", lambda a: {"lines": list(self.guest.console)})
         m.register("x-labkit-ram-blocks", self.qmp_ram_blocks)
+        m.register("x-query-ramblock", lambda a: {"human-readable-text": format_ramblock_info(self.ram)})
         m.register("x-labkit-events", lambda a: list(self.events))
         m.register(
             "x-labkit-info",
@@ -154,6 +155,7 @@ class VM:
                 {
                     "name": b.idstr,
                     "size": b.size,
+                    "max-size": b.max_length,
                     "kind": b.kind,
                     "backend": b.backend,
                     "shared": b.shared,

@@ -396,11 +396,12 @@ def describe_fd(fd: int, pid: int | str = "self") -> dict[str, Any]:
     return info
 
 
-def cpr_fd_check(
-    fd: int, expect_size: int | None, *, name: str | None = None, allow_file: bool = False
-) -> None:
-    """Refuse an fd that cannot be a RAM block: not a memfd (or, with ``allow_file``, a regular
-    file), or not exactly ``expect_size`` bytes.  Messages say what the fd really is."""
+def cpr_fd_check(fd: int, *, name: str | None = None, allow_file: bool = False) -> dict[str, Any]:
+    """Refuse an fd that cannot be a RAM block: not a memfd (or, with ``allow_file``, a regular file).
+    Returns what /proc says it is (:func:`describe_fd`).  Messages say what the fd really is.
+
+    Its size is not judged here: QEMU accepts any fd at least as large as the block, and what it does with
+    a smaller one depends on the block (labkit.vm.memory, as qemu_ram_alloc_from_fd)."""
     label = f"cpr fd {fd}" + (f" for {name!r}" if name is not None else "")
     try:
         info = describe_fd(fd)
@@ -411,10 +412,7 @@ def cpr_fd_check(
         what = {"file": "regular file", "anon": "anonymous inode"}.get(info["kind"], info["kind"])
         article = "an" if what[0] in "aeiou" else "a"
         raise CprError(f"{label} is {article} {what} ({info['target']}), expected {wanted}")
-    if expect_size is not None and info["size"] != expect_size:
-        raise CprError(
-            f"{label} ({info['target']}) has size {info['size']} bytes, expected {expect_size} bytes"
-        )
+    return info
 
 
 # --------------------------------------------------------------------------------------------

@@ -571,3 +571,117 @@ def test_cpr_inspect_cli_times_out_cleanly(no_fd_leak, tmp_path, capsys):
     assert main([str(path), "--timeout", "0.2"]) == 1
     assert "timed out" in capsys.readouterr().err
     assert not path.exists()
+
+
+# ------------------------------------------------------------------------------------------
+# RAM blocks as the CPR state carries them (labkit.vm.memory), without a real QEMU: tests/test_cpr_interop.py
+# holds the same blocks against qemu-system-x86_64 itself.
+
+README_VM = ["-m", "64M", "-machine", "q35,aux-ram-share=on,memory-backend=ram0"]
+README_VM += ["-object", "memory-backend-memfd,id=ram0,size=64M,share=on"]
+
+
+def _ram(extra: list[str] = (), cpr_fds: dict[str, int] | None = None):
+    from labkit.vm.memory import ram_blocks_create
+    from labkit.vm.options import parse_args
+
+    return ram_blocks_create(parse_args([*README_VM, *extra]), cpr_fds)
+
+
+def _memfd_size(fd: int) -> int:
+    return os.fstat(fd).st_size
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("extra", [[], ["-nodefaults"]], ids=["defaults", "nodefaults"])
+def test_blocks_ram_list_order_and_memfd_sizes(no_fd_leak, extra):
+    """ram_list is sorted by maximum length (ties in creation order); every memfd is as large as its block's
+    maximum length, and the whole of it is mapped; ram_addr_t offsets are 256 KiB aligned and disjoint."""
+    from labkit.vm.memory import IMPLICIT_BLOCKS, RAM_BLOCK_ALIGN
+
+    ram = _ram(extra)
+    try:
+        blocks = list(ram)
+        maxima = [b.max_length for b in blocks]
+        assert maxima == sorted(maxima, reverse=True)
+        created = [b.idstr for b in ram.created]
+        for a, b in zip(blocks, blocks[1:], strict=False):
+            if a.max_length == b.max_length:
+                assert created.index(a.idstr) < created.index(b.idstr)
+        wanted = [imp for imp in IMPLICIT_BLOCKS if not (extra and imp.default_device)]
+        assert created == ["ram0", *[imp.idstr for imp in wanted]]
+        assert ("0000:00:01.0/vga.vram" in created) == (not extra)
+        spans = sorted((b.offset, b.offset + b.max_length) for b in blocks)
+        assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:], strict=False))
+        assert all(b.offset % RAM_BLOCK_ALIGN == 0 for b in blocks)
+        for imp in wanted:
+            b = ram.find(imp.idstr)
+            assert (b.size, b.max_length, b.mr_name, b.readonly) == (imp.used, imp.max, imp.name, imp.readonly)
+        for b in blocks:
+            assert _memfd_size(b.fd) == b.max_length == len(b.mm)
+            assert len(b.array()) == b.size and len(b.view()) == b.size
+        # CPR fds in registration (creation) order; cpr_state_save sends them newest first
+        assert [n for n, _ in ram.cpr_fds()] == created
+    finally:
+        ram.close()
+
+
+@pytest.mark.timeout(30)
+def test_blocker_names_the_memory_region_not_the_pci_path(no_fd_leak):
+    ram = _ram(["-machine", "aux-ram-share=off"])
+    try:
+        reasons = ram.cpr_blockers()
+        assert any(r.startswith("Memory region vga.vram is not compatible with CPR.") for r in reasons)
+        assert not any("0000:00:" in r for r in reasons)
+        assert reasons[-1].startswith("Memory region /rom@etc/acpi/rsdp ")
+    finally:
+        ram.close()
+
+
+def _cpr_fds_for(sizes: dict[str, int]) -> dict[str, int]:
+    out = {}
+    for name, size in sizes.items():
+        out[name] = memfd(name, size)
+    return out
+
+
+@pytest.mark.timeout(30)
+def test_adopted_fd_larger_than_the_block_is_taken(no_fd_leak):
+    """An fd larger than its block is adopted as it is; only the block's maximum length is mapped."""
+    fds = _cpr_fds_for({"ram0": 128 << 20, "/rom@etc/acpi/tables": 4 << 20})
+    inodes = {n: os.fstat(fd).st_ino for n, fd in fds.items()}
+    ram = _ram(["-nodefaults"], fds)
+    try:
+        for name in fds:
+            b = ram.find(name)
+            assert b.reused and os.fstat(b.fd).st_ino == inodes[name]
+            assert len(b.mm) == b.max_length < _memfd_size(b.fd)
+    finally:
+        ram.close()
+
+
+@pytest.mark.timeout(30)
+def test_adopted_fd_too_small_grown_or_refused_as_qemu_does(no_fd_leak):
+    """An implicit block grows a short memfd to its maximum length (and so the source's, the same inode);
+    a memory-backend-memfd grows an empty one but refuses a short one, with qemu_ram_alloc_from_fd's text."""
+    from labkit.vm.memory import MemoryError_
+
+    fds = _cpr_fds_for({"/rom@etc/acpi/tables": 128 << 10, "ram0": 0})
+    keep = {n: os.dup(fd) for n, fd in fds.items()}  # the source's own fds, to see what the destination did
+    try:
+        ram = _ram(["-nodefaults"], fds)
+        try:
+            assert _memfd_size(keep["/rom@etc/acpi/tables"]) == 2 << 20
+            assert _memfd_size(keep["ram0"]) == 64 << 20
+            assert ram.find("/rom@etc/acpi/tables").reused and ram.find("ram0").reused
+        finally:
+            ram.close()
+        short = {"ram0": memfd("ram0", 32 << 20)}
+        with pytest.raises(MemoryError_) as err:
+            _ram(["-nodefaults"], short)
+        assert str(err.value) == (
+            "ram0 backing store size 0x2000000 is too small for 'size' option 0x4000000 plus 'offset' option 0x0"
+        )
+    finally:
+        for fd in keep.values():
+            os.close(fd)

@@ -196,7 +196,11 @@ def _new_block(
         if reused:
             # A memory-backend-memfd maps its fd with grow=false; implicit blocks and memory-backend-ram,
             # share=on go through qemu_ram_alloc_internal, which passes grow=reused.
-            _adopt_cpr_fd(idstr, mr_name, fd, max_length, grow=backend != "memory-backend-memfd")
+            try:
+                _adopt_cpr_fd(idstr, mr_name, fd, max_length, grow=backend != "memory-backend-memfd")
+            except BaseException:
+                os.close(fd)  # taken out of cpr_fds: no one else will close it
+                raise
         else:
             fd = os.memfd_create(idstr, os.MFD_CLOEXEC)
             os.ftruncate(fd, max_length)

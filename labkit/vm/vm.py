@@ -144,8 +144,9 @@ class VM:
         return stats
 
     def qmp_ram_blocks(self, args: dict) -> list[dict]:
+        """The blocks in creation order (CPR fd registration order); x-query-ramblock gives ram_list's."""
         view = []
-        for b in self.ram:
+        for b in self.ram.created:
             addr = 0
             if b.mm is not None:
                 import ctypes

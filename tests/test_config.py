@@ -52,6 +52,13 @@ def test_vmconfig_renders_qemu_spelling_and_parses_back():
     assert opts.qmp == ["/tmp/x/q.sock"]
 
 
+def test_nodefaults_is_the_default_and_can_be_left_out():
+    """-nodefaults unless asked otherwise; without it q35 has a VGA and a NIC, so both programs add blocks."""
+    assert "-nodefaults" in VMConfig().common_argv("/tmp/q")
+    argv = VMConfig(nodefaults=False).emulated_argv("/tmp/q")
+    assert "-nodefaults" not in argv and not parse_args(argv).nodefaults
+
+
 def test_with_incoming_renders_json_channel():
     cpr = {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": "/r/cpr.sock"}}
     cfg = VMConfig().with_incoming("unix:/r/main.sock", cpr)

@@ -442,7 +442,9 @@ def test_fd_check(no_fd_leak, tmp_path):
     path = tmp_path / "ram.img"
     path.write_bytes(bytes(8192))
     ffd = os.open(path, os.O_RDWR)
-    with pytest.raises(CprError, match=r"^cpr fd \d+ for 'x' is a regular file \(.*ram.img\), expected a memfd$"):
+    with pytest.raises(
+        CprError, match=r"^cpr fd \d+ for 'x' is a regular file \(.*ram.img\), expected a memfd$"
+    ):
         cpr_fd_check(ffd, name="x")
     assert cpr_fd_check(ffd, allow_file=True)["size"] == 8192
     with pytest.raises(CprError, match="is a character device"):
@@ -616,7 +618,12 @@ def test_blocks_ram_list_order_and_memfd_sizes(no_fd_leak, extra):
         assert all(b.offset % RAM_BLOCK_ALIGN == 0 for b in blocks)
         for imp in wanted:
             b = ram.find(imp.idstr)
-            assert (b.size, b.max_length, b.mr_name, b.readonly) == (imp.used, imp.max, imp.name, imp.readonly)
+            assert (b.size, b.max_length, b.mr_name, b.readonly) == (
+                imp.used,
+                imp.max,
+                imp.name,
+                imp.readonly,
+            )
         for b in blocks:
             assert _memfd_size(b.fd) == b.max_length == len(b.mm)
             assert len(b.array()) == b.size and len(b.view()) == b.size

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -40,6 +41,7 @@ README_ARGV = [
 ]  # fmt: skip
 DEFAULTS = {"defaults": [], "nodefaults": ["-nodefaults"]}
 PROGRAMS = ("qemu", "labkit-vm")
+WAIT = 60.0  # seconds for any one step: generous, the machine is shared with other test runs
 
 
 def program(name: str) -> list[str]:
@@ -59,7 +61,14 @@ class Run:
         """One VM of `prog` with the README argv + `extra` + `more`, its monitor on its own socket."""
         m = Machine(VMConfig(name=f"{prog}-{len(self.vms)}"))
         m.backend = "qemu" if prog == "qemu" else "emulated"
-        m.argv = [*program(prog), *README_ARGV, *extra, *more, "-qmp", f"unix:{m.qmp_path},server=on,wait=off"]
+        m.argv = [
+            *program(prog),
+            *README_ARGV,
+            *extra,
+            *more,
+            "-qmp",
+            f"unix:{m.qmp_path},server=on,wait=off",
+        ]
         self.vms.append(m)
         return m.launch(connect=connect)
 
@@ -124,27 +133,36 @@ def receive_cpr_state(run: Run, prog: str, extra: list[str]) -> dict:
     """Start `prog` as a source and send its CPR state to labkit's cpr-inspect listener."""
     out: dict = {}
     t = threading.Thread(
-        target=lambda: out.update(cpr_inspect_listen(run.cpr, timeout=30, file=None)), daemon=True
+        target=lambda: out.update(cpr_inspect_listen(run.cpr, timeout=WAIT, file=None)), daemon=True
     )
     t.start()
     src = run.start(prog, extra, "-S")
-    wait_for(lambda: os.path.exists(run.cpr), "the cpr listener")
+    wait_for(lambda: os.path.exists(run.cpr), "the cpr listener", timeout=WAIT)
     run.migrate(src)
-    t.join(40)
+    t.join(WAIT + 10)
     assert out, "no CPR state received"
     # The listener hung up without listening on main: the source fails to connect and keeps its guest.
-    wait_for(lambda: src.cmd("query-migrate").get("status") == "failed", "the source to give up")
+    wait_for(
+        lambda: src.cmd("query-migrate").get("status") == "failed", "the source to give up", timeout=WAIT
+    )
     return out
 
 
 # -------------------------------------------------------------------------------- the same RAM blocks
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("defaults", list(DEFAULTS))
 def test_ram_blocks_are_qemus(run, defaults):
     """Names (PCI paths included), offsets, used and maximum lengths, read-only flags and ram_list order."""
     extra = DEFAULTS[defaults]
-    rows = {prog: block_rows(run.start(prog, extra, "-S")) for prog in PROGRAMS}
+    vms = {prog: run.start(prog, extra, "-S") for prog in PROGRAMS}
+    rows = {prog: block_rows(m) for prog, m in vms.items()}
     assert rows["labkit-vm"] == rows["qemu"]
+    # the text itself, column widths and all, but for the host addresses (the header's HVA stays)
+    hva = re.compile(r"0x[0-9a-f]{16}(?= +r[ow]$)", re.M)
+    texts = {
+        prog: hva.sub("HVA", m.cmd("x-query-ramblock")["human-readable-text"]) for prog, m in vms.items()
+    }
+    assert texts["labkit-vm"] == texts["qemu"] and texts["qemu"].count("HVA") == 1 + len(rows["qemu"])
     names = [r[0] for r in rows["qemu"]]
     assert ("0000:00:01.0/vga.vram" in names) == (defaults == "defaults")
     maxima = [r[3] for r in rows["qemu"]]
@@ -152,7 +170,7 @@ def test_ram_blocks_are_qemus(run, defaults):
 
 
 # ------------------------------------------------------------------------------- the same CPR bytes
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("defaults", list(DEFAULTS))
 def test_cpr_state_bytes_are_qemus(run, defaults):
     """The same argv sends the same bytes; the fds ride outside them (SCM_RIGHTS), so only their sizes
@@ -175,7 +193,7 @@ def test_cpr_state_bytes_are_qemus(run, defaults):
 
 
 # ------------------------------------------------------------------------------ QEMU -> labkit-vm
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("defaults", list(DEFAULTS))
 def test_qemu_source_labkit_destination(run, defaults):
     """labkit-vm maps every memfd real QEMU sends (the same inodes), opens its monitor, listens on main and
@@ -183,7 +201,7 @@ def test_qemu_source_labkit_destination(run, defaults):
     extra = DEFAULTS[defaults]
     src = run.start("qemu", extra, "-S")
     dst = run.start("labkit-vm", extra, "-incoming", "defer", "-incoming", run.cpr_incoming(), connect=False)
-    wait_for(lambda: os.path.exists(run.cpr), "the destination's cpr socket")
+    wait_for(lambda: os.path.exists(run.cpr), "the destination's cpr socket", timeout=WAIT)
     run.migrate(src)
     dst.connect()  # the monitor opens once the CPR state is loaded and RAM is mapped
     assert dst.cmd("query-status")["status"] == "inmigrate"
@@ -194,18 +212,20 @@ def test_qemu_source_labkit_destination(run, defaults):
     assert src.cmd("query-migrate")["status"] == "setup"  # QEMU still waits for the hang-up
 
     dst.cmd("migrate-incoming", {"uri": f"unix:{run.main}"})  # listen on main, then close the cpr socket
-    src.qmp.wait_event("MIGRATION", match=lambda e: e["data"]["status"] == "active")  # main connected
-    assert dst.wait(30) == 1
+    src.qmp.wait_event("MIGRATION", WAIT, match=lambda e: e["data"]["status"] == "active")  # main connected
+    assert dst.wait(WAIT) == 1
     lines = [ln for ln in dst.log().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("labkit-vm: load of migration failed: "), lines
     info = wait_for(
-        lambda: (i := src.cmd("query-migrate"))["status"] in ("failed", "completed") and i, "QEMU to finish"
+        lambda: (i := src.cmd("query-migrate"))["status"] in ("failed", "completed") and i,
+        "QEMU to finish",
+        timeout=WAIT,
     )
     assert "connect" not in info.get("error-desc", "")
 
 
 # ------------------------------------------------------------------------------ labkit-vm -> QEMU
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("defaults", list(DEFAULTS))
 def test_labkit_source_qemu_destination(run, defaults):
     """Real QEMU takes labkit-vm's CPR state without a word, maps the same memfds and none past its end,
@@ -215,9 +235,9 @@ def test_labkit_source_qemu_destination(run, defaults):
     dst = run.start(
         "qemu", extra, "-incoming", f"unix:{run.main}", "-incoming", run.cpr_incoming(), connect=False
     )
-    wait_for(lambda: os.path.exists(run.cpr), "the destination's cpr socket")
+    wait_for(lambda: os.path.exists(run.cpr), "the destination's cpr socket", timeout=WAIT)
     run.migrate(src)
-    wait_for(lambda: src.cmd("x-labkit-hold")["held-at"] == "cpr-hup", "the hang-up", timeout=30)
+    wait_for(lambda: src.cmd("x-labkit-hold")["held-at"] == "cpr-hup", "the hang-up", timeout=WAIT)
     assert dst.alive() and os.path.exists(run.main), dst.log()
     dst.connect()
     assert dst.cmd("query-status")["status"] == "inmigrate"
@@ -228,8 +248,12 @@ def test_labkit_source_qemu_destination(run, defaults):
     assert block_rows(dst) == block_rows(src)
 
     src.cmd("x-labkit-continue", {"point": "cpr-hup"})
-    wait_for(lambda: src.cmd("query-migrate")["status"] in ("completed", "failed"), "the source to finish")
-    dst.wait(30)  # QEMU then refuses labkit's device sections: the main stream is not yet QEMU's
+    wait_for(
+        lambda: src.cmd("query-migrate")["status"] in ("completed", "failed"),
+        "the source to finish",
+        timeout=WAIT,
+    )
+    dst.wait(WAIT)  # QEMU then refuses labkit's device sections: the main stream is not yet QEMU's
 
 
 # ------------------------------------------------------------------------ fd sizes, judged by both
@@ -245,7 +269,7 @@ def _send_state(path: str, blocks: list[tuple[str, int]]) -> dict[str, int]:
             s.connect(path)
             cpr_state_save(s, list(reversed(fds)))
             s.shutdown(socket.SHUT_WR)
-            s.settimeout(30)
+            s.settimeout(WAIT)
             s.recv(1)  # the hang-up: the destination listens on main, or it has exited
         return {f.name: os.fstat(f.fd).st_ino for f in fds}
     finally:
@@ -270,7 +294,7 @@ FD_CASES = {
 }
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", list(FD_CASES))
 def test_fd_sizes_judged_as_qemu_judges_them(run, case):
     """The same hand-made CPR state to QEMU and to labkit-vm: both take it or both refuse it, in QEMU's
@@ -281,9 +305,13 @@ def test_fd_sizes_judged_as_qemu_judges_them(run, case):
         dst = run.start(
             prog, [], "-incoming", f"unix:{run.main}", "-incoming", run.cpr_incoming(), connect=False
         )
-        wait_for(lambda: os.path.exists(run.cpr), "the destination's cpr socket")
+        wait_for(lambda: os.path.exists(run.cpr), "the destination's cpr socket", timeout=WAIT)
         inodes = _send_state(run.cpr, blocks)
-        wait_for(lambda d=dst: not d.alive() or os.path.exists(run.main), "the destination to listen or exit")
+        wait_for(
+            lambda d=dst: not d.alive() or os.path.exists(run.main),
+            "the destination to listen or exit",
+            timeout=WAIT,
+        )
         if not dst.alive():
             lines = [ln for ln in dst.log().splitlines() if ln.strip()]
             assert len(lines) == 1, lines

@@ -575,11 +575,11 @@ def ram_save_pages(
                 s, page0 = s + 1, page0 + 1
                 if s == e:
                     continue
-            recs = _continue_records(page0, rows[s:e] if nonzero else None, e - s, flags)
+            recs = memoryview(_continue_records(page0, rows[s:e] if nonzero else None, e - s, flags)).cast("B")
             if nonzero:
-                f.put_iov([recs.data])
+                f.put_iov([recs])
             else:
-                f.put_bytes(recs.data)
+                f.put_bytes(recs)
     return normal, zero
 
 

@@ -136,7 +136,9 @@ def format_report(rep: StreamReport) -> str:
     lines = [f"{rep.path}: {rep.bytes} bytes, machine {rep.machine or '-'}"]
     if rep.capabilities:
         lines.append(f"capabilities: {', '.join(rep.capabilities)}")
-    lines.append(f"{'offset':>10} {'kind':<13} {'id':>3} {'idstr':<24} {'inst':>4} {'ver':>3} {'size':>9}  pages")
+    lines.append(
+        f"{'offset':>10} {'kind':<13} {'id':>3} {'idstr':<24} {'inst':>4} {'ver':>3} {'size':>9}  pages"
+    )
     for s in rep.sections:
         pages = s.get("pages")
         col = f"{pages['normal']} normal, {pages['zero']} zero" if pages else ""
@@ -151,7 +153,30 @@ def format_report(rep: StreamReport) -> str:
     dev_bytes = sum(d["size"] for d in rep.devices)
     lines.append(f"device sections: {len(rep.devices)}, {dev_bytes} bytes of fields")
     if rep.vmdesc is not None:
-        lines.append(f"vmdesc: {rep.vmdesc_bytes} bytes, {len(rep.vmdesc.get('devices', []))} devices described")
+        lines.append(
+            f"vmdesc: {rep.vmdesc_bytes} bytes, {len(rep.vmdesc.get('devices', []))} devices described"
+        )
     for w in rep.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """`labkit stream-inspect FILE [--json]`: exit 1 with one line for a file that is not a valid stream."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="labkit stream-inspect", description=__doc__.splitlines()[0])
+    p.add_argument("path")
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object: sections, blocks, pages, devices, vmdesc"
+    )
+    args = p.parse_args(argv)
+    try:
+        rep = inspect_stream(args.path)
+    except (OSError, StreamError) as e:
+        text = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror else str(e)
+        print(f"labkit stream-inspect: {text}", file=sys.stderr)
+        return 1
+    print(json.dumps(rep.to_json(), indent=1) if args.json else format_report(rep))
+    return 0

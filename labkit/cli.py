@@ -1,4 +1,4 @@
-"""`labkit`: doctor | migrate | demo | vm | cpr-inspect."""
+"""`labkit`: doctor | migrate | demo | vm | cpr-inspect | stream-inspect."""
 
 from __future__ import annotations
 
@@ -180,6 +180,12 @@ def cmd_cpr_inspect(args: argparse.Namespace) -> int:
     return cpr_main([args.path] + (["--timeout", str(args.timeout)] if args.timeout else []))
 
 
+def cmd_stream_inspect(args: argparse.Namespace) -> int:
+    from labkit.stream_inspect import main as stream_main
+
+    return stream_main([args.path] + (["--json"] if args.json else []))
+
+
 def cmd_vm(args: argparse.Namespace) -> int:
     from labkit.vm.__main__ import main as vm_main
 
@@ -217,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("path")
     c.add_argument("--timeout", type=float, default=None)
     c.set_defaults(func=cmd_cpr_inspect)
+    si = sub.add_parser("stream-inspect", help="decode a main migration stream file from either backend")
+    si.add_argument("path")
+    si.add_argument("--json", action="store_true")
+    si.set_defaults(func=cmd_stream_inspect)
     v = sub.add_parser("vm", help="run one emulated VM (same as labkit-vm)")
     v.add_argument("vm_args", nargs=argparse.REMAINDER)
     v.set_defaults(func=cmd_vm)

@@ -32,6 +32,7 @@ from labkit.vm.migration.stream import (
     ram_save_pages,
     ram_save_setup,
 )
+from labkit.vm.migration.vmstate import VMStateDescription, VMStateField
 
 pytestmark = pytest.mark.timeout(45)
 
@@ -259,8 +260,10 @@ def _with(blocks, *more):
     return build
 
 
-def _device(name: str, payload: bytes):
-    return lambda f: qemu_save_device_state(f, name, 0, 1, payload)
+def _device(name: str, payload: bytes, version: int = 1):
+    """A FULL section named ``name`` whose fields are ``payload`` (one buffer field, as a vmsd would give)."""
+    vmsd = VMStateDescription(name, version, (VMStateField("data", "buffer", len(payload)),))
+    return lambda f: qemu_save_device_state(f, name, 0, vmsd, {"data": payload})
 
 
 def _pages(block: str, first: int, n: int):
@@ -279,9 +282,10 @@ def _raw(data: bytes):
     return step
 
 
-def _record(block: str, offset: int, npages: int, flags: int = 0x08) -> bytes:
+def _record(block: str, offset: int, flags: int = 0x08) -> bytes:
+    """One page record's header naming its block (the page data or fill byte not included)."""
     name = block.encode()
-    return struct.pack(">Q", offset | flags) + bytes([len(name)]) + name + struct.pack(">I", npages)
+    return struct.pack(">Q", offset | flags) + bytes([len(name)]) + name
 
 
 MAIN_CASES = {
@@ -297,23 +301,33 @@ MAIN_CASES = {
         lambda b: stream(_with(b, _device("nosuchdev", b"{}"))),
         "Unknown savevm section or instance 'nosuchdev' 0",
     ),
-    "garbage-device-state": (
-        lambda b: stream(_with(b, _device("cpu", b"\xff\xfe not json"))),
-        "error while loading state for instance 0x0 of device 'cpu'",
+    "first-qemu-section-not-modelled": (  # what a real QEMU source sends after timer (see stream-inspect)
+        lambda b: stream(_with(b, _device("cpu_common", bytes(8)))),
+        "Unknown savevm section or instance 'cpu_common' 0",
     ),
-    "oversized-device-length": (
-        lambda b: stream(
-            _with(b, _raw(b"\x04\x00\x00\x00\x07\x03cpu" + struct.pack(">III", 0, 1, 0xFFFFFFF0)))
-        ),
-        "payload length 4294967280 exceeds the limit",
+    "garbage-device-state": (  # globalstate's size field says 0: no NUL-terminated run state
+        lambda b: stream(_with(b, _device("globalstate", bytes(104)))),
+        "error while loading state for instance 0x0 of device 'globalstate'",
+    ),
+    "device-section-too-short": (
+        lambda b: stream(_with(b, _device("cpu", b"\xff\xfe short", version=12), _raw(bytes(100)))),
+        "Missing section footer for cpu",
+    ),
+    "device-version-too-new": (
+        lambda b: stream(_with(b, _device("timer", bytes(24), version=3))),
+        "timer: incoming version_id 3 is too new (max 2)",
     ),
     "page-beyond-ram": (
-        lambda b: stream(_with(b, _raw(b"\x02\x00\x00\x00\x00" + _record("ram0", RAM, 1)))),
+        lambda b: stream(_with(b, _raw(b"\x02\x00\x00\x00\x01" + _record("ram0", RAM)))),
         f"Illegal RAM offset {RAM:x}",
     ),
-    "run-past-the-end": (
-        lambda b: stream(_with(b, _raw(b"\x02\x00\x00\x00\x00" + _record("ram0", 0, 0xFFFFFFFF)))),
+    "zero-page-beyond-ram": (
+        lambda b: stream(_with(b, _raw(b"\x02\x00\x00\x00\x01" + _record("ram0", RAM, 0x02) + b"\0"))),
         f"Illegal RAM offset {RAM:x}",
+    ),
+    "other-machine-type": (
+        lambda b: b"QEVM\x00\x00\x00\x03\x07\x00\x00\x00\x0bpc-i440fx-9",
+        "Machine type received is 'pc-i440fx-9' and local is 'pc-q35-10.0'",
     ),
     "unknown-ram-block": (
         lambda b: stream(_setup([("bogus", 4096)])),

@@ -34,7 +34,9 @@ class VM:
         self.vcpu = VCPU(self.guest)
         self.serial = SerialDevice(self.guest, opts.serial_file)
         self.global_state = GlobalState()
-        self.devices = [CPUDevice(self.guest), TimerDevice(self.guest), self.serial, self.global_state]
+        # QEMU's q35 -nodefaults has a serial port only when -serial gives one; its sections follow QEMU's order
+        serial = [self.serial] if opts.serial_file else []
+        self.devices = [TimerDevice(self.guest), CPUDevice(self.guest), *serial, self.global_state]
         self.runstate = rs.RunState(rs.INMIGRATE if incoming else rs.PRELAUNCH)
         self.autostart = not opts.start_paused
         self.monitor = Monitor(package=f"labkit-vm {__version__}")

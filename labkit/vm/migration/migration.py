@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING
 
 from labkit.vm import runstate as rs
+from labkit.vm.devices import DeviceError
 from labkit.vm.memory import populate
 from labkit.vm.migration.channels import (
     MigrationChannel,
@@ -43,16 +44,22 @@ from labkit.vm.migration.ram import (
     migrate_ram_is_ignored,
 )
 from labkit.vm.migration.stream import (
+    Q35_MACHINE_NAME,
     QEMUFileIn,
     QEMUFileOut,
     StreamError,
     qemu_loadvm_state,
     qemu_save_device_state,
+    qemu_savevm_send_switchover_start,
     qemu_savevm_state_end,
     qemu_savevm_state_header,
+    ram_save_complete_end,
+    ram_save_complete_start,
     ram_save_iterate_end,
     ram_save_setup,
+    unknown_section,
 )
+from labkit.vm.migration.vmstate import q35_savevm_handlers, vmstate_load_state
 from labkit.vm.monitor import QMPError
 
 if TYPE_CHECKING:
@@ -353,7 +360,11 @@ class MigrationState:
         except (OSError, ValueError) as e:
             self._fail(str(e))
             return
-        f = QEMUFileOut(sink, rate_limit=RateLimiter(self.params["max-bandwidth"], self.cancelled))
+        f = QEMUFileOut(
+            sink,
+            rate_limit=RateLimiter(self.params["max-bandwidth"], self.cancelled),
+            handlers=q35_savevm_handlers(serial=self.vm.serial in self.vm.devices),
+        )
         self._out = f  # query-migrate reads its byte count while the thread runs
         self._sink = sink
         if self.cancelled.is_set():  # cancelled while connecting: nobody shut this channel down yet
@@ -392,7 +403,7 @@ class MigrationState:
             self._stop_vm()  # CPR stops the guest before any state is saved (migration_connect)
         self.hold("main-connected")
         qemu_savevm_state_header(f)
-        ram_save_setup(f, [(b.idstr, b.size) for b in blocks])
+        ram_save_setup(f, [(b.idstr, b.size) for b in self.vm.ram])  # ignored blocks are listed too
         for b in blocks:
             b.dirty_sync()  # start tracking now; the migration bitmap already has every page set
         ram = RAMState(blocks, self.stats)
@@ -414,13 +425,13 @@ class MigrationState:
         ram.bitmap_sync()
         self._pass_event()
         f.rate_limit = None  # the guest is stopped: send the rest at full speed (downtime)
+        qemu_savevm_send_switchover_start(f)
+        ram_save_complete_start(f)
         ram.save_dirty(f, downtime=True, cancelled=self.cancelled)
-        ram_save_iterate_end(f)
+        ram_save_complete_end(f)
         self.checkpoint("src-iterable-saved")
-        for dev in self.vm.devices:
-            data = dev.save()
-            qemu_save_device_state(f, dev.name, 0, dev.version, data)
-            self.stats.downtime_bytes += len(data)
+        for dev in sorted(self.vm.devices, key=lambda d: f.savevm.section_id(d.name, 0)):
+            self.stats.downtime_bytes += qemu_save_device_state(f, dev.name, 0, dev.vmsd, dev.save())
         qemu_savevm_state_end(f)
         f.flush()
         self.checkpoint("src-non-iterable-saved")
@@ -635,6 +646,7 @@ class MigrationState:
                 on_device=self._load_device,
                 on_ram_blocks=self._check_ram_blocks,
                 zero_page_needs_write=self._zero_page_needs_write,
+                machine=Q35_MACHINE_NAME,
             )
             self.incoming_stats = {
                 "normal": stats.normal_pages,
@@ -678,19 +690,18 @@ class MigrationState:
                     f"Length mismatch: {name}: 0x{size:x} in != 0x{block.size:x}: Invalid argument"
                 )
 
-    def _load_device(self, name: str, instance: int, version: int, data: bytes) -> None:
-        for dev in self.vm.devices:
-            if dev.name == name and instance == 0:
-                try:
-                    dev.load(data, version)
-                except Exception as e:  # a device's own validation error
-                    raise StreamError(
-                        f"error while loading state for instance 0x{instance:x} of device '{name}': {e}"
-                    ) from None
-                return
-        raise StreamError(
-            f"Unknown savevm section or instance '{name}' {instance}. Make sure that your current VM setup matches your saved VM setup, including any hotplugged devices"
-        )
+    def _load_device(self, name: str, instance: int, version: int, f: QEMUFileIn) -> None:
+        """vmstate_load(): the device reads its own fields; a section it does not model stops the load, named."""
+        dev = next((d for d in self.vm.devices if d.name == name and instance == 0), None)
+        if dev is None:
+            raise unknown_section(name, instance)
+        values = vmstate_load_state(f.get_bytes, f.peek, dev.vmsd, version)
+        try:
+            dev.load(values)
+        except DeviceError as e:  # a device's own validation error
+            raise StreamError(
+                f"error while loading state for instance 0x{instance:x} of device '{name}': {e}"
+            ) from None
 
     def process_incoming_migration_bh(self) -> None:
         """Resume if the source was running and -S was not given; then report completed (QEMU's order)."""

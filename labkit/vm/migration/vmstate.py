@@ -1,0 +1,184 @@
+"""Device state as QEMU's VMState writes it (migration/vmstate.c), and the q35 section list (savevm.c).
+
+A device section's payload has no length: it is the device's fields, big-endian, one after another, then any
+subsections (``0x05``, counted name, ``be32`` version, fields). Only a reader that knows the device's layout
+can find where it ends, which is why QEMU appends a JSON *vmdesc* to the stream describing every field's size:
+``labkit stream-inspect`` (like QEMU's scripts/analyze-migration.py) walks a stream with it, and the
+emulator's loader walks its own devices' layouts instead.
+
+``Q35_SAVEVM_HANDLERS`` is what QEMU 10.0.2 registers for ``-machine q35 -nodefaults`` under KVM, in
+registration order: the section id of each is its index (``se->section_id = global_section_id++``), read
+from a real stream and from QEMU's ``savevm_section_*`` trace points.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+QEMU_VM_SUBSECTION = 0x05
+
+#: (idstr, instance_id, version_id) in QEMU 10.0.2's registration order for q35 -nodefaults under KVM; the
+#: serial port (isa-serial, "serial") registers after "pcspk" when -serial is given. Versions are None for
+#: sections this machine never sends (so never observed).
+Q35_SAVEVM_HANDLERS: tuple[tuple[str, int, int | None], ...] = (
+    ("timer", 0, 2),
+    ("ram", 0, 4),
+    ("dirty-bitmap", 0, None),
+    ("cpu_common", 0, 1),
+    ("cpu", 0, 12),
+    ("kvm-tpr-opt", 0, 1),
+    ("apic", 0, 3),
+    ("kvmclock", 0, 1),
+    ("fw_cfg", 0, 2),
+    ("0000:00:00.0/mch", 0, 1),
+    ("PCIHost", 0, 1),
+    ("PCIBUS", 0, 1),
+    ("dma", 0, 1),
+    ("dma", 1, 1),
+    ("mc146818rtc", 0, 3),
+    ("0000:00:1f.0/ICH9LPC", 0, 1),
+    ("i8259", 0, 1),
+    ("i8259", 1, 1),
+    ("ioapic", 0, 3),
+    ("hpet", 0, 2),
+    ("i8254", 0, 3),
+    ("pcspk", 0, 1),
+    ("serial", 0, 3),  # only with -serial
+    ("ps2kbd", 0, 3),
+    ("ps2mouse", 0, 2),
+    ("pckbd", 0, 3),
+    ("vmmouse", 0, 0),
+    ("port92", 0, 1),
+    ("0000:00:1f.2/ich9_ahci", 0, 1),
+    ("i2c_bus", 0, 1),
+    ("0000:00:1f.3/ich9_smb", 0, 1),
+    *(("smbus-eeprom", i, None) for i in range(8)),
+    ("acpi_build", 0, 1),
+    ("globalstate", 0, 1),
+)
+
+
+def q35_savevm_handlers(serial: bool) -> list[tuple[str, int, int | None]]:
+    """QEMU's handler list for this machine, with or without the serial port."""
+    return [h for h in Q35_SAVEVM_HANDLERS if serial or h[0] != "serial"]
+
+
+class VMStateError(Exception):
+    """A device section does not match the layout this side knows."""
+
+
+@dataclass(frozen=True)
+class VMStateField:
+    """One field: QEMU's VMStateInfo name as ``type``, and its size in bytes.
+
+    ``size_field`` names an earlier uint32 field holding this field's length (VMSTATE_VBUFFER_UINT32)."""
+
+    name: str
+    type: str
+    size: int = 0
+    size_field: str | None = None
+
+
+@dataclass(frozen=True)
+class VMStateDescription:
+    name: str
+    version_id: int
+    fields: tuple[VMStateField, ...]
+    subsections: tuple[VMStateDescription, ...] = ()
+    max_vbuffer: int = 1 << 20  # a hostile stream cannot make the loader allocate more for one field
+
+
+_INT = {"int8": ">b", "int16": ">h", "int32": ">i", "int64": ">q", "uint8": ">B", "uint16": ">H"}
+_INT |= {"uint32": ">I", "uint64": ">Q", "bool": ">?", "float64": ">d"}
+
+
+def _field_bytes(fd: VMStateField, value) -> bytes:
+    if fd.type in _INT:
+        return struct.pack(_INT[fd.type], value)
+    raw = bytes(value)
+    if fd.size_field is None and len(raw) != fd.size:
+        raise ValueError(f"{fd.name}: {len(raw)} bytes, expected {fd.size}")
+    return raw
+
+
+def vmstate_save_state(put: Callable[[bytes], None], vmsd: VMStateDescription, values: dict) -> dict:
+    """Write ``values`` in ``vmsd``'s layout; subsections go out when ``values`` has them (their ``needed``).
+
+    Returns the section's vmdesc entry, with each field's size as written (as QEMU's vmsd_desc_field_end)."""
+    desc: dict = {"vmsd_name": vmsd.name, "version": vmsd.version_id, "fields": []}
+    for fd in vmsd.fields:
+        raw = _field_bytes(fd, values[fd.name])
+        put(raw)
+        desc["fields"].append({"name": fd.name, "type": fd.type, "size": len(raw)})
+    subs = []
+    for sub in vmsd.subsections:
+        if sub.name in values:
+            name = sub.name.encode()
+            put(bytes([QEMU_VM_SUBSECTION, len(name)]) + name + struct.pack(">I", sub.version_id))
+            subs.append(vmstate_save_state(put, sub, values[sub.name]))
+    if subs:
+        desc["subsections"] = subs
+    return desc
+
+
+def vmstate_load_state(
+    get: Callable[[int], bytes], peek: Callable[[int], bytes], vmsd: VMStateDescription, version_id: int
+) -> dict:
+    """Read a section in ``vmsd``'s layout (vmstate_load_state(), then vmstate_subsection_load())."""
+    if version_id > vmsd.version_id:
+        raise VMStateError(
+            f"{vmsd.name}: incoming version_id {version_id} is too new (max {vmsd.version_id})"
+        )
+    out: dict = {}
+    for fd in vmsd.fields:
+        if fd.type in _INT:
+            (out[fd.name],) = struct.unpack(_INT[fd.type], get(struct.calcsize(_INT[fd.type])))
+            continue
+        size = fd.size if fd.size_field is None else out[fd.size_field]
+        if size > vmsd.max_vbuffer:
+            raise VMStateError(f"{vmsd.name}: field {fd.name} length {size} exceeds {vmsd.max_vbuffer}")
+        out[fd.name] = get(size)
+    while peek(1)[0] == QEMU_VM_SUBSECTION:
+        head = peek(2)
+        name = peek(2 + head[1])[2:].decode(errors="replace")
+        if not name.startswith(vmsd.name):
+            break  # a subsection of an enclosing description
+        sub = next((s for s in vmsd.subsections if s.name == name), None)
+        if sub is None:
+            raise VMStateError(f"{vmsd.name}: subsection {name} not found")  # vmstate_subsection_load()
+        get(2 + head[1])
+        (sub_version,) = struct.unpack(">I", get(4))
+        out[name] = vmstate_load_state(get, peek, sub, sub_version)
+    return out
+
+
+def vmdesc_section_size(desc: dict) -> int:
+    """Bytes of one section's payload as its vmdesc entry describes it (fields, then subsections).
+
+    A field with ``array_len`` is a compressed array: its entry describes one element (QEMU describes only the
+    first element of an array whose elements all look the same)."""
+    size = 0
+    for fd in desc.get("fields", []):
+        size += int(fd.get("size", 0)) * int(fd.get("array_len", 1))
+    for sub in desc.get("subsections", []):
+        size += 6 + len(str(sub.get("vmsd_name", "")).encode()) + vmdesc_section_size(sub)
+    return size
+
+
+@dataclass
+class VMDesc:
+    """QEMU's vmdesc JSON: the configuration, the page size and every device section's fields."""
+
+    configuration: dict | None = None
+    page_size: int = 4096
+    devices: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        out: dict = {}
+        if self.configuration is not None:
+            out["configuration"] = self.configuration
+        out["page_size"] = self.page_size
+        out["devices"] = self.devices
+        return out

@@ -466,6 +466,10 @@ class MigrationState:
         self.checkpoint("src-non-iterable-saved")
         self.stats.remaining = 0
         self.t_end = time.monotonic()
+        # migration_calculate_complete(): the final mbps is the whole stream over the time after setup
+        transfer_ms = _ms(self.t_start, self.t_end) - _ms(self.t_start, self.t_active)
+        if transfer_ms:
+            self.stats.mbps = f.bytes_sent * 8 / transfer_ms / 1000
         self.vm.runstate.set(rs.POSTMIGRATE)
         self.checkpoint("src-downtime-end")
         self._set_status("completed")

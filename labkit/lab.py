@@ -142,6 +142,7 @@ class Lab:
         self.marks: list[TimelineRow] = []
         self.error: str | None = None
         self.migrate_info: dict = {}
+        self.migrate_lab_info: dict = {}  # x-labkit-query-migrate of a source that has quit (cpr-reboot)
         self._events_from = 0  # index in the source's events where this migration's start
         self._actions: list[Callable[[], None]] = {
             "cpr-transfer": [
@@ -309,8 +310,17 @@ class Lab:
 
     @staticmethod
     def _checkpoint_seen(m: Machine, name: str) -> bool:
-        marks = m.cmd("query-migrate", timeout=10).get("x-labkit", {}).get("checkpoints", [])
+        marks = m.cmd("x-labkit-query-migrate", timeout=10).get("checkpoints", [])
         return any(c["name"] == name for c in marks)
+
+    def _labkit_info(self, m: Machine | None) -> dict:
+        """x-labkit-query-migrate: what the emulator knows beyond QEMU's query-migrate (bytes on the cpr
+        channel, pages per pass, checkpoints); {} on real QEMU, or when the VM cannot be asked."""
+        if self.backend != "emulated" or m is None or not m.alive() or not m.qmp.connected:
+            return {}
+        with contextlib.suppress(QMPCommandError, QMPTimeout, ConnectionError):
+            return m.cmd("x-labkit-query-migrate", timeout=10)
+        return {}
 
     def _start_destination_defer(self) -> None:
         self.dst = self._spawn(self._dest_config("defer"))
@@ -402,6 +412,7 @@ class Lab:
 
     def _quit_source(self) -> None:
         self.migrate_info = self.src.cmd("query-migrate")
+        self.migrate_lab_info = self._labkit_info(self.src)
         self.src_events = _events_of(self.ops, self.src)
         self.src_state = self.src.cmd("query-status")["status"]
         self.src_maps = self._block_mappings("source", self.src)
@@ -517,7 +528,7 @@ class Lab:
                         seen[f.inode] = {"fd": f.fd, "name": f.memfd_name, "inode": f.inode, "size": f.size}
                 snap.fds[side] = list(seen.values())
                 snap.mappings += self._block_mappings(side, m)
-        lab = snap.migration.get("source", {}).get("x-labkit", {})
+        lab = self._labkit_info(self.src).get("source", {})
         transferred = snap.migration.get("source", {}).get("ram", {}).get("transferred", 0)
         snap.bytes = {"main": lab.get("bytes-main", transferred), "cpr": lab.get("bytes-cpr")}
         return snap
@@ -551,8 +562,10 @@ class Lab:
         res.pause_ms["reported"] = info.get("downtime")
         ram = info.get("ram", {})
         res.passes = ram.get("dirty-sync-count", 0)
-        lab = info.get("x-labkit", {})
-        # real QEMU does not report its cpr channel's bytes; ram.transferred counts the whole main stream
+        lab_info = self._labkit_info(self.src) if src_alive else self.migrate_lab_info
+        lab = lab_info.get("source", {})
+        # ram.transferred counts the whole main stream on both backends (QEMU's migration_transferred_bytes);
+        # only the emulator counts its cpr channel's bytes, and only it answers after a failure
         res.bytes = {"main": lab.get("bytes-main", ram.get("transferred", 0)), "cpr": lab.get("bytes-cpr")}
         res.pages_per_pass = lab.get("pages-per-pass", [])
         res.throughput_mbps = ram.get("mbps")

@@ -144,6 +144,51 @@ def defer_walkthrough(ram: str | int = "64M", dirty_rate: str | int = "16M", tim
     return pd.DataFrame(rows)
 
 
+# -- cpr-transfer to an inet main channel with port 0 -----------------------------------------------------
+def port_zero_walkthrough(ram: str | int = "32M", timeout: float = 30.0):
+    """cpr-transfer with the main channel on inet port 0, as QEMU 10.0.2 runs it: nothing refuses the port.
+    The destination listens on a port the kernel picks (its query-migrate socket-address names it); the
+    source sends CPR state, then cannot connect to port 0 and fails, its guest still running. Returns a
+    DataFrame: step, to whom, what was sent, what came back."""
+    import pandas as pd
+
+    size = parse_size(ram, "m") if isinstance(ram, str) else ram
+    rows: list[dict[str, Any]] = []
+
+    def note(who: str, sent: str, seen: Any) -> None:
+        rows.append({"step": len(rows) + 1, "to": who, "sent / looked at": sent, "came back": seen})
+
+    src = spawn(VMConfig(name="source", ram=size, guest=GuestConfig(dirty_rate=8 << 20)))
+    dst = None
+    try:
+        cpr = f"{src.run_dir}/cpr.sock"
+        dcfg = VMConfig(name="destination", ram=size).with_incoming("tcp:127.0.0.1:0", unix_channel(cpr, "cpr"))
+        dst = spawn(dcfg, connect=False)
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(cpr) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        note("destination", "start: -incoming tcp:127.0.0.1:0 -incoming {cpr channel}", "waits on the cpr socket")
+        src.cmd("migrate-set-parameters", {"mode": "cpr-transfer"})
+        try:
+            src.cmd("migrate", {"channels": [inet_channel("127.0.0.1", 0), unix_channel(cpr, "cpr")]})
+            note("source", "migrate channels=[main tcp 127.0.0.1:0, cpr]", "{} (accepted: CPR state sent)")
+        except QMPCommandError as e:
+            note("source", "migrate channels=[main tcp 127.0.0.1:0, cpr]", f"refused: {e}")
+        dst.connect(timeout)
+        info = dst.cmd("query-migrate")
+        note("destination", "query-migrate", info)
+        while src.cmd("query-migrate").get("status") not in ("failed", "completed") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        note("source", "query-migrate", src.cmd("query-migrate"))
+        note("source", "query-status", src.cmd("query-status")["status"])
+        note("source", "x-labkit-verify (guest memory)", bool(src.cmd("x-labkit-verify").get("ok")))
+    finally:
+        if dst is not None:
+            dst.kill()
+        src.shutdown(timeout=5)
+    return pd.DataFrame(rows)
+
+
 # -- the destination dies mid-way ------------------------------------------------------------------------
 def destination_dies(mode: str = "normal", after_phase: int = 3, **lab_kwargs: Any) -> tuple[Any, Result]:
     """Step a migration through `after_phase` phases, SIGKILL the destination there, let the source go on,

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import struct
 import tempfile
 
 import pytest
-from helpers import CPR_TRANSFER_SOURCE_EVENTS, unix
+from helpers import CPR_TRANSFER_SOURCE_EVENTS, unix, wait_for
 
+from labkit.backends import get_backend
 from labkit.backends import qemu_guest as qg
 from labkit.backends.qemu import qemu_missing
-from labkit.config import MiB, VMConfig
+from labkit.config import GuestConfig, MiB, VMConfig
 from labkit.lab import Lab
 from labkit.machine import spawn
 from labkit.qmp import QMPCommandError
@@ -31,14 +34,15 @@ CPR_BLOCKER = (
 )
 
 
-def event_names(events: list[dict], since_setup: bool = True) -> list[str]:
-    """MIGRATION <status>, STOP, RESUME and MIGRATION_PASS in order (runs of passes as one), from setup on."""
+def event_names(events: list[dict], since_setup: bool = True, collapse: bool = True) -> list[str]:
+    """MIGRATION <status>, STOP, RESUME and MIGRATION_PASS in order, from setup on; with `collapse`, a run
+    of passes as one (a guest that dirties memory makes as many passes as its workload needs)."""
     out: list[str] = []
     for e in events:
         name = f"MIGRATION {e['data']['status']}" if e["event"] == "MIGRATION" else e["event"]
         if e["event"] not in ("MIGRATION", "STOP", "RESUME", "MIGRATION_PASS"):
             continue
-        if name == "MIGRATION_PASS" and out and out[-1] == name:
+        if collapse and name == "MIGRATION_PASS" and out and out[-1] == name:
             continue
         out.append(name)
     if since_setup and "MIGRATION setup" in out:
@@ -265,3 +269,285 @@ def test_no_main_entry_is_a_deliberate_difference():
             )
     finally:
         m.kill()
+
+
+# -- query-migrate in every state, on both sides; parameters mid-migration ---------------------------------
+def shape(value):
+    """The member names of a QMP answer, nested (lists of objects kept, scalars as None): what must match."""
+    if isinstance(value, dict):
+        return {k: shape(v) for k, v in value.items()}
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return [shape(v) for v in value]
+    return None
+
+
+def wait_until(m, cond, what: str, timeout: float = 60) -> dict:
+    """Poll query-migrate until cond(answer) holds; return that answer."""
+
+    def check():
+        info = m.cmd("query-migrate")
+        return info if cond(info) else None
+
+    return wait_for(check, what, timeout=timeout, interval=0.05)
+
+
+def _source_config(name: str, backend: str, ram: int = 32 * MiB) -> VMConfig:
+    # a guest that dirties faster than 16 MiB/s: the real guest unpaced (dirty_rate 0), the emulator's at 64M
+    rate = 0 if backend == "qemu" else 64 * MiB
+    return VMConfig(name=name, ram=ram, guest=GuestConfig(dirty_rate=rate))
+
+
+def _spawn_source(cfg: VMConfig, backend: str):
+    m = spawn(cfg, backend=backend)
+    ready = getattr(get_backend(backend), "ready", None)
+    if ready is not None:
+        ready(m)  # real QEMU: the guest runs (and dirties) before we migrate
+    m.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+    return m
+
+
+def walk_states(backend: str, d: str) -> dict:
+    """Drive one backend through every status on both sides and record query-migrate's shape in each, and
+    what migrate-set-parameters did to a pre-copy that could not converge."""
+    out: dict = {}
+    d = os.path.join(d, backend)
+    os.mkdir(d)
+    # source: setup (cpr-transfer waiting for the hang-up that never comes), then cancelled
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(f"{d}/c0")
+    listener.listen(1)
+    try:
+        with _spawn_source(VMConfig(name="s0", ram=32 * MiB), backend) as s:
+            s.cmd("migrate-set-parameters", {"mode": "cpr-transfer"})
+            s.cmd("migrate", {"channels": [unix(f"{d}/m0"), unix(f"{d}/c0", "cpr")]})
+            conn, _ = listener.accept()
+            with conn:
+                out["source setup"] = shape(wait_until(s, lambda i: i.get("status") == "setup", "setup"))
+                s.cmd("migrate-set-parameters", {"downtime-limit": 400})  # accepted during a migration
+                s.cmd("migrate_cancel")
+                out["source cancelled"] = shape(wait_until(s, lambda i: i.get("status") == "cancelled", "end"))
+    finally:
+        listener.close()
+    # source: failed (nobody listens on main)
+    with spawn(VMConfig(name="s1", ram=32 * MiB), backend=backend) as s:
+        s.cmd("migrate", {"uri": f"unix:{d}/nobody"})
+        out["source failed"] = shape(wait_until(s, lambda i: i.get("status") == "failed", "failed"))
+    # normal pre-copy that cannot converge at 16 MiB/s, rescued by downtime-limit; and one cancelled
+    for case in ("rescued", "cancelled"):
+        main = f"{d}/m-{case}"
+        dcfg = VMConfig(name=f"d-{case}", ram=32 * MiB).with_incoming("defer")
+        with _spawn_source(_source_config(f"s-{case}", backend), backend) as s, spawn(dcfg, backend) as t:
+            t.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+            t.cmd("migrate-incoming", {"uri": f"unix:{main}", "exit-on-error": False})
+            out["destination setup"] = shape(t.cmd("query-migrate"))
+            s.cmd("migrate-set-parameters", {"max-bandwidth": 16 * MiB, "downtime-limit": 300})
+            s.cmd("migrate", {"uri": f"unix:{main}"})
+            info = wait_until(
+                s, lambda i: i.get("ram", {}).get("dirty-sync-count", 0) >= 3, "two passes", timeout=60
+            )
+            out["source active"] = shape(info)
+            out["destination active"] = shape(t.cmd("query-migrate"))
+            out[f"{case}: active after two passes"] = info["status"]
+            if case == "rescued":
+                s.cmd("migrate-set-parameters", {"downtime-limit": 20000})
+                assert s.cmd("query-migrate-parameters")["downtime-limit"] == 20000
+                end = wait_until(s, lambda i: i["status"] in ("completed", "failed"), "the end", timeout=60)
+                out["source completed"] = shape(end)
+                out["rescued: status"] = end["status"]
+                dst = wait_until(t, lambda i: i.get("status") in ("completed", "failed"), "dst end")
+                out["destination completed"] = shape(dst)
+                out["rescued: verified"] = bool(get_backend(backend).verify(t).get("ok"))
+            else:
+                s.cmd("migrate_cancel")
+                out["source cancelled (active)"] = shape(
+                    wait_until(s, lambda i: i["status"] == "cancelled", "cancelled")
+                )
+                # the destination sees its stream end: failed, and it stays (exit-on-error false)
+                out["destination failed"] = shape(wait_until(t, lambda i: i.get("status") == "failed", "failed"))
+                out["cancelled: source runstate"] = s.cmd("query-status")["status"]
+    return out
+
+
+@pytest.mark.timeout(240)
+def test_query_migrate_members_in_every_state_and_downtime_limit_rescue():
+    with tempfile.TemporaryDirectory(prefix="labkit-conf-") as d:
+        emu, qemu = (walk_states(b, d) for b in BACKENDS)
+    assert emu == qemu
+    # QEMU 10.0.2's answers, as they were observed here
+    assert qemu["source setup"] == qemu["source cancelled"] == {"status": None}
+    assert qemu["source failed"] == {"status": None, "error-desc": None}
+    assert set(qemu["source active"]) == {"status", "setup-time", "total-time", "expected-downtime", "ram"}
+    assert set(qemu["source completed"]) == {"status", "setup-time", "total-time", "downtime", "ram"}
+    assert "skipped" not in qemu["source active"]["ram"] and "postcopy-requests" in qemu["source active"]["ram"]
+    socket_address = [{"path": None, "type": None}]
+    assert qemu["destination setup"] == {"status": None, "socket-address": socket_address}
+    assert qemu["destination active"] == {"status": None, "socket-address": socket_address}
+    assert qemu["destination completed"] == {"status": None}
+    assert qemu["destination failed"] == {"status": None, "error-desc": None}
+    assert qemu["rescued: active after two passes"] == "active"  # it did not converge by itself
+    assert qemu["rescued: status"] == "completed" and qemu["rescued: verified"] is True
+    assert qemu["cancelled: source runstate"] == "running"
+
+
+@pytest.mark.timeout(120)
+def test_expected_downtime_starts_at_downtime_limit():
+    values = {}
+    with tempfile.TemporaryDirectory(prefix="labkit-conf-") as d:
+        for backend in BACKENDS:
+            main = f"{d}/m-{backend}"
+            dcfg = VMConfig(name="d", ram=32 * MiB).with_incoming(f"unix:{main}")
+            with _spawn_source(_source_config("s", backend), backend) as s, spawn(dcfg, backend):
+                s.cmd("migrate-set-parameters", {"max-bandwidth": 8 * MiB, "downtime-limit": 123})
+                s.cmd("migrate", {"uri": f"unix:{main}"})
+                info = wait_until(s, lambda i: i.get("status") == "active", "active")
+                values[backend] = info["expected-downtime"]
+                s.cmd("migrate_cancel")
+                wait_until(s, lambda i: i.get("status") == "cancelled", "cancelled")
+    assert values == {"emulated": 123, "qemu": 123}  # migrate_init(): the limit is the first estimate
+
+
+@pytest.mark.timeout(120)
+def test_cpr_transfer_transferred_is_the_device_state():
+    """ram.transferred counts every byte on the main channel: in cpr-transfer that is all device state."""
+    emu, qemu = (run_lab(b, mode="cpr-transfer", ram="64M") for b in BACKENDS)
+    for side in (emu, qemu):
+        r = side["result"]
+        assert r.status == "completed", r.error
+        assert r.query_migrate["ram"]["transferred"] == r.bytes["main"] > 0
+        assert r.query_migrate["ram"]["total"] == 0 and r.query_migrate["ram"]["normal"] == 0
+
+
+# -- QEMU's MIGRATION_PASS rule ----------------------------------------------------------------------------
+IDLE_NORMAL_EVENTS = [
+    "MIGRATION setup",
+    "MIGRATION_PASS",
+    "MIGRATION active",
+    "STOP",
+    "MIGRATION device",
+    "MIGRATION_PASS",
+    "MIGRATION completed",
+]
+
+
+@pytest.mark.timeout(180)
+def test_a_first_pass_within_100_ms_skips_the_exact_sync():
+    """No bitmap sync before a 100 ms bandwidth window closes: a 4 MiB guest that barely writes goes from
+    its first pass straight to stop-and-copy, dirty-sync-count 2, on both (PASS runs not collapsed)."""
+    for backend in BACKENDS:
+        with Lab(backend=backend, mode="normal", ram="4M", dirty_rate="4K", max_bandwidth="10G") as lab:
+            r = lab.run()
+            names = event_names(lab.ops.events(lab.src), collapse=False)
+            events = lab.ops.events(lab.src)
+        assert r.status == "completed" and r.guest_verified, r.error
+        setup = next(e["monotonic-ns"] for e in events if e.get("data", {}).get("status") == "setup")
+        stop = next(e["monotonic-ns"] for e in events if e["event"] == "STOP")
+        passes = [e["monotonic-ns"] for e in events if e["event"] == "MIGRATION_PASS"]
+        # the rule itself: a sync between the first pass and STOP only once 100 ms of iterating have passed
+        assert all(t - setup >= 100_000_000 for t in passes[1:] if t < stop), (backend, names)
+        if stop - setup < 100_000_000:
+            assert names == IDLE_NORMAL_EVENTS and r.passes == 2, (backend, names)
+        else:  # a loaded machine: the first pass took longer than the window, so one sync came first
+            assert r.passes >= 3, (backend, names)
+
+
+# -- texts and check order ---------------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_parameter_texts_match():
+    answers = []
+    for backend in BACKENDS:
+        with spawn(VMConfig(name=f"p-{backend}", ram=32 * MiB), backend=backend) as m:
+            got = []
+            for args in ({"downtime-limit": 2000001}, {"downtime-limit": -1}, {"downtime-limit": "x"},
+                         {"max-bandwidth": 2**64}, {"mode": "bogus"}):  # fmt: skip
+                try:
+                    m.cmd("migrate-set-parameters", args)
+                    got.append("accepted")
+                except QMPCommandError as e:
+                    got.append(str(e))
+            m.cmd("migrate-set-parameters", {"max-bandwidth": -1})  # accepted: wraps to 2^64 - 1
+            got.append(m.cmd("query-migrate-parameters")["max-bandwidth"])
+            answers.append(got)
+    assert answers[0] == answers[1]
+    assert answers[1][0] == (
+        "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms"
+    )
+
+
+@pytest.mark.timeout(60)
+def test_blockers_are_checked_before_cpr_conflicts():
+    with tempfile.TemporaryDirectory(prefix="labkit-conf-") as d:
+        answers = []
+        for backend in BACKENDS:
+            for aux in (False, True):
+                with spawn(VMConfig(name="s", ram=32 * MiB, aux_ram_share=aux), backend=backend) as m:
+                    m.cmd("migrate-set-parameters", {"mode": "cpr-transfer"})
+                    caps = [{"capability": "postcopy-ram", "state": True}]
+                    m.cmd("migrate-set-capabilities", {"capabilities": caps})
+                    with pytest.raises(QMPCommandError) as e:
+                        m.cmd("migrate", {"channels": [unix(f"{d}/m"), unix(f"{d}/c", "cpr")]})
+                    answers.append(str(e.value))
+    assert answers[:2] == answers[2:]
+    assert answers[2:] == [CPR_BLOCKER.format("/rom@etc/acpi/rsdp"), "Cannot use postcopy with CPR"]
+
+
+@pytest.mark.timeout(90)
+def test_cpr_transfer_to_inet_port_0_matches():
+    """QEMU 10.0.2 documents that the main channel's port cannot be 0 but checks it nowhere: the destination
+    listens on a port the kernel picks (socket-address says which), the source sends CPR state, then fails
+    to connect to port 0 and its guest runs on."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="labkit-conf-") as d:
+        for backend in BACKENDS:
+            cpr = f"{d}/cpr-{backend}"
+            inet0 = {"transport": "socket", "type": "inet", "host": "127.0.0.1", "port": "0"}
+            dcfg = VMConfig(name="d", ram=32 * MiB).with_incoming("tcp:127.0.0.1:0", unix(cpr, "cpr"))
+            with spawn(VMConfig(name="s", ram=32 * MiB), backend=backend) as s:
+                t = spawn(dcfg, backend=backend, connect=False)
+                try:
+                    wait_for(lambda: os.path.exists(cpr), "the cpr socket")  # noqa: B023
+                    s.cmd("migrate-set-parameters", {"mode": "cpr-transfer"})
+                    s.cmd("migrate", {"channels": [{"channel-type": "main", "addr": inet0}, unix(cpr, "cpr")]})
+                    info = wait_until(s, lambda i: i.get("status") == "failed", "failed")
+                    t.connect(30)
+                    dst = t.cmd("query-migrate")
+                    results.append((info, s.cmd("query-status")["status"], shape(dst), dst["status"]))
+                    assert dst["socket-address"][0]["port"] != "0"
+                finally:
+                    t.kill()
+    assert results[0] == results[1]
+    info, runstate, _, dst_status = results[1]
+    assert info == {"status": "failed", "error-desc": "Failed to connect to '127.0.0.1:0': Connection refused"}
+    assert runstate == "running" and dst_status == "setup"
+
+
+CPR_BAD_BYTES = {
+    "bad-magic": b"XXXX\x00\x00\x00\x01\x00",
+    "empty": b"",
+    "truncated-header": b"QCP",
+    "truncated-name": struct.pack(">II", 0x51435052, 1) + b"\x01\x00\x00\x00\x05ra",
+    "no-fd-on-dummy-byte": struct.pack(">II", 0x51435052, 1) + b"\x01\x00\x00\x00\x05ram0\x00\x00\x00\x00\x00 \x00",
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", list(CPR_BAD_BYTES))
+def test_destination_cpr_errors_end_with_qemus_line(case):
+    """A destination fed bad CPR state exits 1; its last line is QEMU 10.0.2's (labkit may say more first)."""
+    lines = []
+    with tempfile.TemporaryDirectory(prefix="labkit-conf-") as d:
+        for backend in BACKENDS:
+            cpr = f"{d}/cpr-{backend}"
+            cfg = VMConfig(name="d", ram=32 * MiB).with_incoming(f"unix:{d}/m", unix(cpr, "cpr"))
+            m = spawn(cfg, backend=backend, connect=False)
+            try:
+                with socket.socket(socket.AF_UNIX) as sock:
+                    wait_for(lambda: sock.connect_ex(cpr) == 0, "the cpr socket to accept")  # noqa: B023
+                    sock.sendall(CPR_BAD_BYTES[case])
+                    sock.shutdown(socket.SHUT_WR)
+                    assert m.wait(20) == 1
+                last = [ln for ln in m.log().splitlines() if ln.strip() and "CPUID" not in ln][-1]
+                lines.append(last.split(": ", 1)[1])
+            finally:
+                m.kill()
+    assert lines[0] == lines[1]
+    assert not lines[0].startswith("cpr_state_load")

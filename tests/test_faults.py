@@ -362,7 +362,7 @@ def _channel_closed_by_src_end(r: Rig) -> None:
     src = r.source(**{"max-bandwidth": 8 * MiB})
     dst = r.destination(f"unix:{r.main}")
     r.migrate()
-    wait_for(lambda: src.cmd("query-migrate")["x-labkit"]["bytes-main"] > 1 * MiB, "1 MiB sent")
+    wait_for(lambda: src.cmd("x-labkit-query-migrate")["source"]["bytes-main"] > 1 * MiB, "1 MiB sent")
     src.cmd("migrate_cancel")
     r.exits_with_one_line(dst)
     r.source_survives("cancelled")
@@ -378,9 +378,9 @@ def _dst_frozen_then_cancel(r: Rig) -> None:
     src.cmd("x-labkit-continue")
 
     def stuck() -> bool:  # the socket buffers are full: nothing more goes out
-        a = src.cmd("query-migrate")["x-labkit"]["bytes-main"]
+        a = src.cmd("x-labkit-query-migrate")["source"]["bytes-main"]
         time.sleep(0.3)
-        return a > 0 and src.cmd("query-migrate")["x-labkit"]["bytes-main"] == a
+        return a > 0 and src.cmd("x-labkit-query-migrate")["source"]["bytes-main"] == a
 
     wait_for(stuck, "the source to block on the frozen destination")
     assert src.cmd("query-migrate")["status"] == "active"

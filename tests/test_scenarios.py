@@ -9,7 +9,7 @@ from labkit.scenarios import (
     defer_walkthrough,
     destination_dies,
     file_channel,
-    inet_channel,
+    port_zero_walkthrough,
     ram0_inodes,
     try_migrate,
     unix_channel,
@@ -26,9 +26,17 @@ def test_file_main_channel_refused_and_source_runs_on(tmp_path):
     assert (a.status, a.runstate, a.guest_verified) == ("none", "running", True)
 
 
-def test_inet_port_0_refused(tmp_path):
-    a = try_migrate({"channels": [inet_channel("127.0.0.1", 0), unix_channel(str(tmp_path / "c"), "cpr")]})
-    assert "port cannot be 0" in a.error and a.runstate == "running"
+def test_inet_port_0_is_not_refused_the_source_fails_to_connect():
+    rows = port_zero_walkthrough(ram="32M")
+    src = rows[rows["to"] == "source"].set_index("sent / looked at")["came back"]
+    assert src["query-migrate"] == {
+        "status": "failed",
+        "error-desc": "Failed to connect to '127.0.0.1:0': Connection refused",
+    }
+    assert src["migrate channels=[main tcp 127.0.0.1:0, cpr]"].startswith("{} (accepted")
+    assert src["query-status"] == "running" and src["x-labkit-verify (guest memory)"] is True
+    dst = rows[rows["to"] == "destination"].set_index("sent / looked at")["came back"]["query-migrate"]
+    assert dst["status"] == "setup" and dst["socket-address"][0]["port"] != "0"
 
 
 def test_defer_walkthrough_order():

@@ -64,8 +64,14 @@ def qemu_init(argv: list[str]) -> VM | int:
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # before listening: none can be lost
         try:
             cpr_sock, cpr_fds = cpr_state_load_from_cmdline(opts.incoming["cpr"], hold)
-        except (CprError, OSError, ValueError) as e:
-            return _error(f"cpr_state_load: {e}")
+        except CprError as e:
+            # QEMU prints its error as it is (error_fatal); where labkit knows more it says so first, then
+            # gives QEMU 10.0.2's own last line for the same bytes
+            if e.qemu_line:
+                _error(str(e))
+            return _error(e.qemu_line or str(e))
+        except (OSError, ValueError) as e:
+            return _error(str(e))
     try:
         ram = ram_blocks_create(opts, cpr_fds)
     except (MemoryError_, OSError, ValueError) as e:

@@ -44,8 +44,9 @@ migration/cpr-transfer.c (``cpr_transfer_output``/``cpr_transfer_input``, "bad c
 address; must be unix", "bad cpr channel socket type; must be unix", listen backlog 1),
 migration/vmstate-types.c (``put_qlist``/``get_qlist``: any non-zero marker continues the list;
 ``put_fd``/``get_fd``) and migration/qemu-file.c (``qemu_file_put_fd`` sends ``" "`` after a flush;
-``qemu_file_get_fd`` pops the fd queue; later QEMU also insists the byte is ``" "`` and reports
-"no FD come with service byte" - labkit is that strict too).
+``qemu_file_get_fd`` pops the fd queue; later QEMU also insists the byte is ``" "`` and that an fd came
+with it ("no FD come with service byte"); 10.0.2 checks neither. labkit is that strict and says so
+in its message, followed by the line 10.0.2 ends with for a broken fd list, "vmstate_load_state error -5").
 """
 
 from __future__ import annotations
@@ -97,7 +98,19 @@ class CprFd:
 
 
 class CprError(Exception):
-    """CPR state could not be saved/loaded; the message is what QEMU would print (and then exit)."""
+    """CPR state could not be saved/loaded; the message is what QEMU would print (and then exit).
+
+    Where labkit's message says more than QEMU's, ``qemu_line`` is the last line QEMU 10.0.2 prints for
+    the same bytes (for anything wrong inside the fd list: "vmstate_load_state error -5")."""
+
+    qemu_line: str | None = None
+
+
+VMSTATE_LOAD_ERROR = "vmstate_load_state error -5"  # QEMU 10.0.2's last line for a bad or short fd list
+
+
+class CprLimitError(CprError):
+    """One of labkit's own limits on what it reads (QEMU has none): no QEMU line to add."""
 
 
 class CprAddressError(CprError, ValueError):
@@ -191,18 +204,18 @@ class _StreamSource:
                 self.received.extend(fds)
                 self.queue.extend(fds)
         if flags & socket.MSG_CTRUNC:
-            raise CprError(
+            raise CprLimitError(
                 f"CPR state: ancillary data truncated (MSG_CTRUNC) near offset {self.offset + len(self.buf) - self.pos}: "
                 "more file descriptors were sent than fit"
             )
         if len(self.received) > self.max_fds:
-            raise CprError(f"CPR state carries too many file descriptors (more than {self.max_fds})")
+            raise CprLimitError(f"CPR state carries too many file descriptors (more than {self.max_fds})")
         if not data:
             self.eof = True
             return
         self.total += len(data)
         if self.total > self.max_bytes:
-            raise CprError(f"CPR state is larger than {self.max_bytes} bytes")
+            raise CprLimitError(f"CPR state is larger than {self.max_bytes} bytes")
         self.raw += data
         self.buf += data
 
@@ -223,17 +236,23 @@ class _StreamSource:
             self.pos = 0
         return out
 
+    def rest(self) -> bytes:
+        """What is left unread (after a short read: the bytes that were there)."""
+        return bytes(self.buf[self.pos :])
+
     def take_fd(self, what: str) -> int | None:
         at = self.offset
         byte = self.read(1, f"the dummy byte of {what}")
         if byte != CPR_DUMMY_BYTE:
             raise CprError(
                 f"CPR state: unexpected byte 0x{byte[0]:02x} at offset {at} where the dummy byte ' ' of {what} belongs"
+                " (QEMU 10.0.2 does not look at the byte; later QEMU refuses it: 'cpr-in unexpected service byte')"
             )
         if not self.queue:
             raise CprError(
                 f"CPR state: no file descriptor came with the dummy byte of {what} at offset {at} "
-                "(QEMU: 'cpr-in no FD come with service byte')"
+                "(QEMU 10.0.2 takes fd -1 and misreads the rest of the list; later QEMU refuses it: "
+                "'cpr-in no FD come with service byte')"
             )
         return self.queue.popleft()
 
@@ -265,6 +284,9 @@ class _BytesSource:
         self.offset += n
         return out
 
+    def rest(self) -> bytes:
+        return self.data[self.offset :]
+
     def take_fd(self, what: str) -> int | None:
         at = self.offset
         byte = self.read(1, f"the dummy byte of {what}")
@@ -287,17 +309,45 @@ def _cpr_parse(
         if on_field is not None:
             on_field(offset, size, name, value)
 
-    at = src.offset
-    (magic,) = struct.unpack(">I", src.read(4, "the magic"))
-    note(at, 4, "magic", magic)
-    if magic != QEMU_CPR_FILE_MAGIC:
-        raise CprError(f"Not a migration stream (bad magic {magic:x})")
-    at = src.offset
-    (version,) = struct.unpack(">I", src.read(4, "the version"))
-    note(at, 4, "version", version)
-    if version != QEMU_CPR_FILE_VERSION:
-        raise CprError(f"Unsupported migration stream version {version}")
+    header = b""
+    try:
+        at = src.offset
+        header = src.read(4, "the magic")
+        (magic,) = struct.unpack(">I", header)
+        note(at, 4, "magic", magic)
+        if magic != QEMU_CPR_FILE_MAGIC:
+            raise CprError(f"Not a migration stream (bad magic {magic:x})")
+        at = src.offset
+        header += src.read(4, "the version")
+        (version,) = struct.unpack(">I", header[4:])
+        note(at, 4, "version", version)
+        if version != QEMU_CPR_FILE_VERSION:
+            raise CprError(f"Unsupported migration stream version {version}")
+    except CprLimitError:
+        raise
+    except CprError as e:
+        if "truncated" in str(e):  # qemu_get_be32() reads zeros past the end: QEMU names the value it got
+            full = (header + src.rest()).ljust(8, b"\0")
+            magic, version = struct.unpack(">II", full[:8])
+            e.qemu_line = (
+                f"Not a migration stream (bad magic {magic:x})"
+                if magic != QEMU_CPR_FILE_MAGIC
+                else f"Unsupported migration stream version {version}"
+            )
+        raise
+    try:
+        return _cpr_parse_list(src, max_name, note)
+    except CprLimitError:
+        raise
+    except CprError as e:
+        e.qemu_line = VMSTATE_LOAD_ERROR
+        raise
 
+
+def _cpr_parse_list(
+    src: _StreamSource | _BytesSource, max_name: int, note: Field
+) -> list[CprFd]:
+    """vmstate_cpr_state's one field: the QLIST of cpr fds."""
     out: list[CprFd] = []
     while True:
         i = len(out)

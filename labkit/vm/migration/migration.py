@@ -21,11 +21,12 @@ import contextlib
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from labkit.vm import runstate as rs
 from labkit.vm.devices import DeviceError
-from labkit.vm.memory import populate
+from labkit.vm.memory import PAGE_SIZE, populate
 from labkit.vm.migration.channels import (
     MigrationChannel,
     migration_connect,
@@ -37,6 +38,7 @@ from labkit.vm.migration.channels import (
 )
 from labkit.vm.migration.cpr import CprError, CprFd, cpr_state_save, cpr_transfer_output
 from labkit.vm.migration.ram import (
+    BUFFER_DELAY,
     MigrationCancelled,
     RAMState,
     RAMStats,
@@ -68,6 +70,7 @@ if TYPE_CHECKING:
 
 MIG_MODES = ("normal", "cpr-reboot", "cpr-transfer")
 DEFAULT_DOWNTIME_LIMIT = 300  # ms (DEFAULT_MIGRATE_SET_DOWNTIME)
+MAX_MIGRATE_DOWNTIME = 2000 * 1000  # ms
 MAX_THROTTLE = 128 << 20  # bytes/s, QEMU's default max-bandwidth
 CAPABILITIES = (
     "events",
@@ -97,6 +100,36 @@ CPR_INCOMPATIBLE = {
 }
 
 
+@dataclass
+class MigrationCounters:
+    """migration_update_counters(): the bandwidth of the main channel, measured over each window of at
+    least BUFFER_DELAY (100 ms) from the start of iterating; 0 until the first window has closed, and
+    with it QEMU's threshold_size (bandwidth x downtime-limit)."""
+
+    window_start: float
+    window_bytes: int = 0
+    bandwidth: float = 0.0  # bytes/s over the last closed window
+
+    def account(self, nbytes: int, now: float) -> None:
+        self.window_bytes += nbytes
+        elapsed = now - self.window_start
+        if elapsed >= BUFFER_DELAY:
+            self.bandwidth = self.window_bytes / elapsed
+            self.window_start, self.window_bytes = now, 0
+
+
+def socket_address(sock: socket.socket, channel: MigrationChannel) -> dict:
+    """A listening socket's address as QMP's SocketAddress (socket_sockaddr_to_address): what QEMU lists
+    under the destination's socket-address, with the port the kernel chose for port 0. A unix socket is
+    named by the path asked for (labkit binds a temporary name and renames it into place)."""
+    if sock.family == socket.AF_UNIX:
+        name = channel.addr.path or sock.getsockname()
+        return {"path": name.decode() if isinstance(name, bytes) else name, "type": "unix"}
+    host, port = sock.getsockname()[:2]
+    family = "ipv4" if sock.family == socket.AF_INET else "ipv6"
+    return {"host": host, "port": str(port), family: True, "type": "inet"}
+
+
 def _ms(t0: float | None, t1: float | None) -> int:
     return int(round((t1 - t0) * 1000)) if t0 is not None and t1 is not None else 0
 
@@ -124,6 +157,8 @@ class MigrationState:
         self.incoming_started = False
         self.incoming_error: str | None = None
         self.incoming_stats: dict = {}
+        self.incoming_socket_address: list[dict] = []  # mis->socket_address_list
+        self.incoming_exit_on_error = True
         self._incoming_listener: socket.socket | None = None
         self._incoming_conn: socket.socket | None = None  # shut down on quit so a blocked load wakes up
         self._threads: list[threading.Thread] = []
@@ -148,13 +183,15 @@ class MigrationState:
         self.main_channel: MigrationChannel | None = None
         self._out: QEMUFileOut | None = None
         self._sink = None  # the main channel, so that cancel can shut it down under a blocked write
+        self._limiter: RateLimiter | None = None  # max-bandwidth on the main channel, changeable mid-way
+        self.counters = MigrationCounters(time.monotonic())
 
     # -- QMP ---------------------------------------------------------------------------------------------
     def register_commands(self, m: Monitor) -> None:
         m.register(
             "migrate-set-parameters",
             self.qmp_set_parameters,
-            {"*mode": "str", "*downtime-limit": "int", "*max-bandwidth": "int"},
+            {"*mode": MIG_MODES, "*downtime-limit": "uint64", "*max-bandwidth": "size"},
         )
         m.register("query-migrate-parameters", lambda a: dict(self.params))
         m.register("migrate-set-capabilities", self.qmp_set_capabilities, {"capabilities": "list"})
@@ -175,6 +212,7 @@ class MigrationState:
         m.register("migrate_cancel", self.qmp_migrate_cancel)
         m.register("migrate-continue", self.qmp_migrate_continue, {"state": "str"})
         m.register("query-migrate", self.qmp_query_migrate)
+        m.register("x-labkit-query-migrate", self.qmp_labkit_query_migrate)
         m.register("x-labkit-hold", self.qmp_hold, {"*points": "list"})
         m.register("x-labkit-continue", self.qmp_continue, {"*point": "str"})
 
@@ -210,17 +248,19 @@ class MigrationState:
             raise MigrationCancelled()
 
     def qmp_set_parameters(self, args: dict) -> None:
-        if self.active():
-            raise QMPError("There's a migration process in progress")
-        if "mode" in args and args["mode"] not in MIG_MODES:
-            raise QMPError(f"Parameter 'mode' does not accept value '{args['mode']}'")
-        if "downtime-limit" in args and not 0 <= args["downtime-limit"] <= 2000000:
-            raise QMPError("Parameter 'downtime_limit' expects an integer in the range of 0 to 2000 seconds")
-        if "max-bandwidth" in args and args["max-bandwidth"] < 0:
+        """migrate_params_check() then migrate_params_apply(): accepted during a migration too, as QEMU does.
+
+        A new max-bandwidth reaches the running migration's rate limiter at once (migration_rate_set); a
+        new downtime-limit is read at the next convergence check. Raising either is how one rescues a
+        migration that does not converge."""
+        if "downtime-limit" in args and args["downtime-limit"] > MAX_MIGRATE_DOWNTIME:
+            # QEMU's text stringifies the macro MAX_MIGRATE_DOWNTIME, hence "(2000 * 1000)"
             raise QMPError(
-                "Parameter 'max_bandwidth' expects an integer in the range of 0 to 18446744073709551615 bytes/second"
+                "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms"
             )
         self.params.update(args)
+        if "max-bandwidth" in args and self._limiter is not None and self.status in ("setup", "active"):
+            self._limiter.max_bandwidth = args["max-bandwidth"]  # stop-and-copy stays unlimited
 
     def qmp_set_capabilities(self, args: dict) -> None:
         if self.active():
@@ -282,10 +322,9 @@ class MigrationState:
             raise QMPError("Migration requires streamable transport (eg unix)")
         if mode == "cpr-transfer" and cpr is None:
             raise QMPError("missing 'cpr' migration channel")
-        if mode == "cpr-transfer" and main.addr.type == "inet" and str(main.addr.port) == "0":
-            raise QMPError("cpr-transfer: the main channel's inet port cannot be 0 (dynamically chosen)")
         self._migrate_prepare()
         self._reset_outgoing()
+        self.expected_downtime = self.params["downtime-limit"]  # migrate_init()'s first estimate
         self.main_channel = main
         self.t_start = time.monotonic()
         self._set_status("setup")
@@ -311,13 +350,13 @@ class MigrationState:
             raise QMPError("Guest is waiting for an incoming migration")
         if state == rs.POSTMIGRATE and self.status == "completed":
             raise QMPError("Can't migrate the vm that was paused due to previous migration")
+        blockers = self._blockers()  # migration_is_blocked() comes before the CPR conflicts in QEMU 10.0.2
+        if blockers:
+            raise QMPError(blockers[-1])  # the head of QEMU's list: the blocker added last
         if self.mode() != "normal":
             for cap, label in CPR_INCOMPATIBLE.items():
                 if self.caps[cap]:
                     raise QMPError(f"Cannot use {label} with CPR")
-        blockers = self._blockers()
-        if blockers:
-            raise QMPError(blockers[-1])  # the head of QEMU's list: the blocker added last
 
     def cpr_state_save(self, channel: MigrationChannel) -> None:
         """cpr_state_save(): connect the cpr channel, send every RAM fd, half-close to await the hang-up."""
@@ -360,9 +399,10 @@ class MigrationState:
         except (OSError, ValueError) as e:
             self._fail(str(e))
             return
+        self._limiter = RateLimiter(self.params["max-bandwidth"], self.cancelled)
         f = QEMUFileOut(
             sink,
-            rate_limit=RateLimiter(self.params["max-bandwidth"], self.cancelled),
+            rate_limit=self._rate_limit,
             handlers=q35_savevm_handlers(serial=self.vm.serial in self.vm.devices),
         )
         self._out = f  # query-migrate reads its byte count while the thread runs
@@ -402,6 +442,7 @@ class MigrationState:
         if mode != "normal":
             self._stop_vm()  # CPR stops the guest before any state is saved (migration_connect)
         self.hold("main-connected")
+        self.counters = MigrationCounters(time.monotonic())  # update_iteration_initial_status()
         qemu_savevm_state_header(f)
         ram_save_setup(f, [(b.idstr, b.size) for b in self.vm.ram])  # ignored blocks are listed too
         for b in blocks:
@@ -424,7 +465,7 @@ class MigrationState:
         self._set_status("device")
         ram.bitmap_sync()
         self._pass_event()
-        f.rate_limit = None  # the guest is stopped: send the rest at full speed (downtime)
+        self._limiter.max_bandwidth = 0  # the guest is stopped: send the rest at full speed (downtime)
         qemu_savevm_send_switchover_start(f)
         ram_save_complete_start(f)
         ram.save_dirty(f, downtime=True, cancelled=self.cancelled)
@@ -437,32 +478,49 @@ class MigrationState:
         self.checkpoint("src-non-iterable-saved")
         self.stats.remaining = 0
         self.t_end = time.monotonic()
+        # migration_calculate_complete(): the final mbps is the whole stream over the time after setup
+        transfer_ms = _ms(self.t_start, self.t_end) - _ms(self.t_start, self.t_active)
+        if transfer_ms:
+            self.stats.mbps = f.bytes_sent * 8 / transfer_ms / 1000
         self.vm.runstate.set(rs.POSTMIGRATE)
         self.checkpoint("src-downtime-end")
         self._set_status("completed")
 
     def _precopy_iterate(self, f: QEMUFileOut, ram: RAMState) -> None:
-        """Passes over the dirty bitmap until what is left fits in downtime-limit at the measured bandwidth."""
+        """migration_iteration_run(), decided at the end of each pass: until what is pending fits in
+        downtime-limit at the measured bandwidth (s->threshold_size).
+
+        The threshold is 0 until a BUFFER_DELAY (100 ms) window of sending has measured a bandwidth
+        (MigrationCounters). Only when the cheap estimate of what is pending (the pages still marked in
+        the migration bitmap: none, after a whole pass) is below the threshold does QEMU sync the dirty
+        bitmap exactly (ram_state_pending_exact -> migration_bitmap_sync_precopy: one MIGRATION_PASS). So a
+        small guest whose first pass ends within 100 ms goes straight to stop-and-copy with no sync in
+        between: dirty-sync-count 2 in all. downtime-limit is read afresh at every check, so raising it
+        mid-migration takes effect at the end of the current pass (QEMU checks every ~50 ms, mid-pass)."""
         while True:
-            t0, b0 = time.monotonic(), f.bytes_sent
             ram.save_dirty(f, downtime=False, cancelled=self.cancelled)
             ram_save_iterate_end(f)
             f.flush()
-            elapsed = max(time.monotonic() - t0, 1e-6)
-            bandwidth = (f.bytes_sent - b0) / elapsed  # bytes/s measured over this pass
-            if f.bytes_sent - b0 < 64 << 10:
-                # too little sent to measure: fall back to the limit itself (as QEMU's initial estimate)
-                bandwidth = self.params["max-bandwidth"] or 1 << 30
-            self.stats.mbps = bandwidth * 8 / 1e6
-            ram.bitmap_sync()
-            self._pass_event()
-            pending = ram.dirty_pages() * 4096
+            bandwidth = self.counters.bandwidth
             threshold = bandwidth * self.params["downtime-limit"] / 1000
-            self.expected_downtime = int(pending / bandwidth * 1000) if bandwidth else 0
-            if pending <= threshold:
+            pending = ram.dirty_pages() * PAGE_SIZE  # ram_state_pending_estimate()
+            if pending < threshold:
+                ram.bitmap_sync()  # ram_state_pending_exact()
+                self._pass_event()
+                pending = ram.dirty_pages() * PAGE_SIZE
+                self.expected_downtime = int(pending / bandwidth * 1000)
+            if not pending or pending < threshold:
                 return
             if self.cancelled.is_set():
                 raise MigrationCancelled()
+
+    def _rate_limit(self, nbytes: int) -> None:
+        """Every write on the main channel: wait for max-bandwidth, then count the bytes towards the
+        bandwidth estimate (QEMU's migration_rate_limit() and migration_update_counters())."""
+        self._limiter(nbytes)
+        self.counters.account(nbytes, time.monotonic())
+        if self.counters.bandwidth:
+            self.stats.mbps = self.counters.bandwidth * 8 / 1e6
 
     def _pass_event(self) -> None:
         if self.caps["events"]:
@@ -515,53 +573,76 @@ class MigrationState:
         self.continue_event.set()
 
     def qmp_query_migrate(self, args: dict) -> dict:
-        if self.status == "none" and self.incoming_status != "none":
-            out: dict = {
-                "status": self.incoming_status,
-                "x-labkit": {"checkpoints": [{"name": n, "monotonic-ns": t} for n, t in self.checkpoints]},
-            }
-            if self.incoming_error:
-                out["error-desc"] = self.incoming_error
-            if self.incoming_stats:
-                out["ram"] = self.incoming_stats
-            return out
-        # QEMU 10.0.2 answers {} before any migration, and only status and error-desc after a failure
-        out = {} if self.status == "none" else {"status": self.status}
+        """qmp_query_migrate(): fill_destination_migration_info(), then fill_source_migration_info() over it.
+
+        Exactly QEMU 10.0.2's members in each state: nothing but status (and error-desc) in setup, failed
+        and cancelled; times, expected-downtime or downtime, and ram while active and once completed. What
+        only labkit knows is in x-labkit-query-migrate."""
+        out: dict = {}
+        self._fill_destination_info(out)
         blockers = self._blockers()
         if blockers:
             out["blocked-reasons"] = blockers
         if self.status == "none":
-            return out
-        if self.status == "failed":
-            out["error-desc"] = self.error_desc or "unknown error"
-            out["x-labkit"] = {
-                "bytes-main": self.bytes_main,
-                "bytes-cpr": self.bytes_cpr,
-                "mode": self.mode(),
-                "checkpoints": [{"name": n, "monotonic-ns": t} for n, t in self.checkpoints],
-            }
-            return out
-        now = time.monotonic()
-        end = self.t_end or now
-        out["total-time"] = _ms(self.t_start, end)
-        out["setup-time"] = _ms(self.t_start, self.t_active or end)
-        if self.status == "completed":
-            out["downtime"] = _ms(self.t_stop, self.t_end)
-        elif self.status in ("active", "device", "pre-switchover"):
-            out["expected-downtime"] = self.expected_downtime
-        out["ram"] = self.stats.to_qmp()
+            return out  # do not overwrite the destination's status
+        out["status"] = self.status
+        if self.status in ("active", "cancelling", "pre-switchover", "device", "completed"):
+            self._populate_time_info(out)
+            out["ram"] = self._ram_info()
         if self.error_desc:
             out["error-desc"] = self.error_desc
-        out["x-labkit"] = {
-            "bytes-main": self._out.bytes_sent if self._out is not None else self.bytes_main,
-            "bytes-cpr": self.bytes_cpr,
+        return out
+
+    def _fill_destination_info(self, out: dict) -> None:
+        """fill_destination_migration_info(): the listening address while there is one, and the status."""
+        if self.incoming_socket_address:
+            out["socket-address"] = list(self.incoming_socket_address)
+        if self.incoming_status == "none":
+            return
+        out["status"] = self.incoming_status
+        if self.incoming_error:
+            out["error-desc"] = self.incoming_error
+
+    def _populate_time_info(self, out: dict) -> None:
+        """populate_time_info(): downtime once completed, else the expected downtime."""
+        end = self.t_end or time.monotonic()
+        out["setup-time"] = _ms(self.t_start, self.t_active or end)
+        out["total-time"] = _ms(self.t_start, end)
+        if self.status == "completed":
+            out["downtime"] = _ms(self.t_stop, self.t_end)
+        else:
+            out["expected-downtime"] = self.expected_downtime
+
+    def _ram_info(self) -> dict:
+        """populate_ram_info(): `transferred` is every byte on the main channel (QEMU's
+        migration_transferred_bytes), device state and headers included; the other counters are RAM's."""
+        ram = self.stats.to_qmp()
+        ram["transferred"] = self._main_bytes()
+        if self.status == "completed":
+            ram["remaining"] = ram["dirty-pages-rate"] = 0  # QEMU leaves both unset (0) once completed
+        return ram
+
+    def _main_bytes(self) -> int:
+        return self._out.bytes_sent if self._out is not None else self.bytes_main
+
+    def qmp_labkit_query_migrate(self, args: dict) -> dict:
+        """x-labkit-query-migrate: what QEMU's query-migrate has no member for, on both sides."""
+        out: dict = {
             "mode": self.mode(),
             "held-at": self.held_at,
             "checkpoints": [{"name": n, "monotonic-ns": t} for n, t in self.checkpoints],
-            "pages-per-pass": list(self.stats.pages_per_pass),
-            "bytes-per-pass": list(self.stats.bytes_per_pass),
-            "seconds-per-pass": [round(x, 6) for x in self.stats.seconds_per_pass],
         }
+        if self.status != "none":
+            out["source"] = {
+                "status": self.status,
+                "bytes-main": self._main_bytes(),
+                "bytes-cpr": self.bytes_cpr,
+                "pages-per-pass": list(self.stats.pages_per_pass),
+                "bytes-per-pass": list(self.stats.bytes_per_pass),
+                "seconds-per-pass": [round(x, 6) for x in self.stats.seconds_per_pass],
+            }
+        if self.incoming_status != "none":
+            out["destination"] = {"status": self.incoming_status, "ram": dict(self.incoming_stats)}
         return out
 
     # -- destination --------------------------------------------------------------------------------------
@@ -597,6 +678,7 @@ class MigrationState:
                 channel = parse_uri(uri)
         except ValueError as e:
             raise QMPError(str(e)) from None
+        self.incoming_exit_on_error = args.get("exit-on-error", True)
         try:
             self.qemu_start_incoming_migration(channel)
         except (ValueError, OSError) as e:
@@ -607,13 +689,12 @@ class MigrationState:
         if self.mode() == "cpr-transfer":
             if channel.addr.transport == "file":
                 raise QMPError("Migration requires streamable transport (eg unix)")
-            if channel.addr.type == "inet" and str(channel.addr.port) == "0":
-                raise QMPError("cpr-transfer: the main channel's inet port cannot be 0 (dynamically chosen)")
         if channel.addr.transport == "file":
             source = open_incoming_file(channel)
         else:
             source = migration_listen(channel)
             self._incoming_listener = source
+            self.incoming_socket_address = [socket_address(source, channel)]
         self.incoming_started = True
         self._set_incoming_status("setup")
         t = threading.Thread(
@@ -662,7 +743,9 @@ class MigrationState:
                 return
             self.incoming_error = f"load of migration failed: {e}"
             self._set_incoming_status("failed")
-            self.vm.fatal(self.incoming_error)
+            self.incoming_socket_address = []  # migration_incoming_state_destroy()
+            if self.incoming_exit_on_error:
+                self.vm.fatal(self.incoming_error)
             return
         finally:
             with contextlib.suppress(OSError):
@@ -712,7 +795,10 @@ class MigrationState:
             self.checkpoint("dst-vm-started")
         else:
             self.vm.runstate.set(rs.PAUSED)
-        self.incoming_mode = None  # migration_incoming_state_destroy(): back to MIG_MODE_NONE
+        # migration_incoming_state_destroy() (QEMU runs it just after): back to MIG_MODE_NONE, the listening
+        # address forgotten; done first here so that no answer after the event still shows them
+        self.incoming_mode = None
+        self.incoming_socket_address = []
         self._set_incoming_status("completed")
 
     async def close(self) -> None:

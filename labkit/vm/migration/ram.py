@@ -54,7 +54,6 @@ class RAMStats:
             "remaining": self.remaining,
             "total": self.total,
             "duplicate": self.duplicate,
-            "skipped": 0,
             "normal": self.normal,
             "normal-bytes": self.normal * PAGE_SIZE,
             "dirty-pages-rate": self.dirty_pages_rate,
@@ -66,6 +65,7 @@ class RAMStats:
             "precopy-bytes": self.precopy_bytes,
             "downtime-bytes": self.downtime_bytes,
             "postcopy-bytes": 0,
+            "postcopy-requests": 0,
             "dirty-sync-missed-zero-copy": 0,
         }
 

@@ -170,6 +170,7 @@ class MigrationState:
         m.register("query-migrate", self.qmp_query_migrate)
         m.register("x-labkit-hold", self.qmp_hold, {"*points": "list"})
         m.register("x-labkit-continue", self.qmp_continue, {"*point": "str"})
+        m.register("x-labkit-checkpoints", lambda a: self.checkpoint_list())
 
     # -- hold points (lab extension) ----------------------------------------------------------------------
     def qmp_hold(self, args: dict) -> dict:
@@ -353,6 +354,8 @@ class MigrationState:
         except (OSError, ValueError) as e:
             self._fail(str(e))
             return
+        if isinstance(sink, socket.socket):
+            self.checkpoint("migration_socket_outgoing_connected")
         f = QEMUFileOut(sink, rate_limit=RateLimiter(self.params["max-bandwidth"], self.cancelled))
         self._out = f  # query-migrate reads its byte count while the thread runs
         self._sink = sink
@@ -374,8 +377,14 @@ class MigrationState:
                 sink.close()
 
     def checkpoint(self, name: str) -> None:
-        """QEMU's vmstate_downtime_checkpoint trace points, kept on CLOCK_MONOTONIC for the lab's timeline."""
+        """QEMU's trace points, at the places QEMU 10.0.2 fires them, kept on CLOCK_MONOTONIC for the lab's
+        timeline: vmstate_downtime_checkpoint's names ("src-vm-stopped", ...), the main channel's
+        migration_socket_outgoing_connected / _incoming_accepted, and labkit's own, named "labkit-..."."""
         self.checkpoints.append((name, time.monotonic_ns()))
+
+    def checkpoint_list(self) -> list[dict]:
+        """x-labkit-checkpoints: every checkpoint so far, oldest first."""
+        return [{"name": n, "monotonic-ns": t} for n, t in self.checkpoints]
 
     def _stop_vm(self) -> None:
         """migration_stop_vm(): the guest pauses here; the downtime clock starts."""
@@ -621,13 +630,13 @@ class MigrationState:
             for b in self.vm.ram:
                 if not b.reused and b.kind != "file":
                     populate(b)
-            self.checkpoint("dst-populated")
+            self.checkpoint("labkit-dst-populated")
             if isinstance(source, socket.socket):
                 conn, _ = source.accept()
+                self.checkpoint("migration_socket_incoming_accepted")
                 source.close()
                 self._incoming_listener = None
                 self._incoming_conn = conn
-            self.checkpoint("dst-accepted")
             self._set_incoming_status("active")
             stats = qemu_loadvm_state(
                 QEMUFileIn(conn),
@@ -693,14 +702,17 @@ class MigrationState:
         )
 
     def process_incoming_migration_bh(self) -> None:
-        """Resume if the source was running and -S was not given; then report completed (QEMU's order)."""
+        """Resume if the source was running and -S was not given; then report completed (QEMU's order).
+        There is no NIC to announce: dst-precopy-bh-announced follows bh-enter at once. QEMU marks
+        dst-precopy-bh-vm-started whether or not it started the guest."""
         self.checkpoint("dst-precopy-bh-enter")
+        self.checkpoint("dst-precopy-bh-announced")
         self.vm.guest.block.dirty[:] = 0
         if self.vm.global_state.runstate == rs.RUNNING and self.vm.autostart:
             self.vm.vm_start()
-            self.checkpoint("dst-vm-started")
         else:
             self.vm.runstate.set(rs.PAUSED)
+        self.checkpoint("dst-precopy-bh-vm-started")
         self.incoming_mode = None  # migration_incoming_state_destroy(): back to MIG_MODE_NONE
         self._set_incoming_status("completed")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from labkit.backends.qemu import qemu_argv
+from labkit.backends.qemu import qemu_argv, qemu_missing
 from labkit.backends.qemu_trace import (
     TRACE_EVENTS,
     parse_trace_line,
@@ -162,3 +162,66 @@ def test_breakdown_steps_follow_the_critical_path():
     assert step["n"] == 2 and step["median_ms"] == pytest.approx((a + b) / 2, abs=0.002)
     # dicts (a run read back from JSON) count the same as rows
     assert breakdown_steps([[r.__dict__ for r in run] for run in runs]) == out
+
+
+# -- both backends, end to end ----------------------------------------------------------------------------
+QEMU_ORDER = {
+    "source": ["migration_socket_outgoing_connected", *SRC_CHECKPOINTS],
+    "destination": ["migration_socket_incoming_accepted", *DST_CHECKPOINTS],
+}
+
+
+def check_checkpoints(r: Result, mode: str) -> None:
+    """The Result's timeline holds QEMU's checkpoints, per side in QEMU's order, around the guest's pause:
+    the STOP event between src-downtime-start and src-vm-stopped, RESUME between dst-precopy-bh-announced and
+    dst-precopy-bh-vm-started, and everything in between inside STOP -> RESUME. The pause breakdown holds
+    them all, measured from STOP."""
+    assert r.status == "completed" and r.guest_verified is True, (r.error, r.verify)
+    rows = [t for t in r.timeline if t.kind == "checkpoint" and not t.detail.startswith("labkit-")]
+    for side, names in QEMU_ORDER.items():
+        if mode == "cpr-reboot":  # the main channel is a file: nothing connects or accepts
+            names = names[1:]
+        assert [t.detail for t in rows if t.side == side] == names, side
+    at = {t.detail: t.t_ms for t in rows}
+    stop = next(t.t_ms for t in r.timeline if t.side == "source" and t.kind == "STOP")
+    resume = next(t.t_ms for t in r.timeline if t.side == "destination" and t.kind == "RESUME")
+    assert at["src-downtime-start"] <= stop <= at["src-vm-stopped"]
+    assert at["dst-precopy-bh-announced"] <= resume <= at["dst-precopy-bh-vm-started"]
+    for name in SRC_CHECKPOINTS[1:4] + DST_CHECKPOINTS[:3]:
+        assert stop <= at[name] <= resume, name
+    by = {b.checkpoint: b for b in r.pause_breakdown}
+    assert by["STOP"].t_ms == 0 and by["RESUME"].t_ms == pytest.approx(r.pause_ms["events"], abs=0.002)
+    assert set(by) == {*at, "STOP", "RESUME"}
+    for name, t in at.items():
+        assert by[name].t_ms == pytest.approx(t - stop, abs=0.002)
+    assert r.to_dict()["pause_breakdown"][0].keys() == {"checkpoint", "side", "t_ms", "delta_ms"}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["cpr-transfer", "normal", "cpr-reboot"])
+def test_emulator_passes_qemus_checkpoints_in_qemus_order(mode):
+    from labkit.lab import migrate
+
+    r = migrate(mode=mode, ram="64M", dirty_rate="16M")
+    check_checkpoints(r, mode)
+    assert not any(t.kind == "trace" for t in r.timeline)  # labkit-vm writes no trace log of its own
+
+
+_QEMU_MISSING = qemu_missing()
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(_QEMU_MISSING is not None, reason=f"{_QEMU_MISSING}")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["cpr-transfer", "normal"])
+def test_qemu_timeline_shows_qemus_own_checkpoints(mode):
+    from labkit.lab import migrate
+
+    r = migrate(backend="qemu", mode=mode, ram="64M")
+    check_checkpoints(r, mode)
+    traces = [t.detail for t in r.timeline if t.kind == "trace"]
+    assert any(d.startswith("vmstate_downtime_load ") for d in traces)
+    assert any(d.startswith("vmstate_downtime_save ") for d in traces)
+    if mode == "cpr-transfer":
+        for name in ("cpr_state_save", "cpr_transfer_output", "cpr_transfer_input", "cpr_state_load"):
+            assert any(d.startswith(name + " ") for d in traces), name

@@ -62,7 +62,9 @@ def test_parse_one_line_of_each_kind():
     # what QEMU writes without -msg timestamp=on, a torn last line, and a stderr message: no time, no point
     assert parse_trace_line("runstate_set current_run_state 6 (prelaunch) new_state 9 (running)") is None
     assert parse_trace_line("14253@1796171382.95") is None
-    assert parse_trace_line("2026-12-02T00:26:17.941936Z qemu-system-x86_64: terminating on signal 15") is None
+    assert (
+        parse_trace_line("2026-12-02T00:26:17.941936Z qemu-system-x86_64: terminating on signal 15") is None
+    )
 
 
 @pytest.mark.parametrize("mode", ["cpr-transfer", "normal"])
@@ -71,7 +73,9 @@ def test_real_logs_hold_qemus_checkpoints_in_order_around_the_pause(mode):
     stop, resume = wall_ns(events["STOP"]), wall_ns(events["RESUME"])
     src = parse_trace_log((DATA / f"{mode}-src.log").read_text())
     dst = parse_trace_log((DATA / f"{mode}-dst.log").read_text())
-    lines = sum(1 for _ in (DATA / f"{mode}-src.log").open()) + sum(1 for _ in (DATA / f"{mode}-dst.log").open())
+    lines = sum(1 for _ in (DATA / f"{mode}-src.log").open()) + sum(
+        1 for _ in (DATA / f"{mode}-dst.log").open()
+    )
     assert len(src) + len(dst) == lines  # every line QEMU wrote parses
     assert {p.name for p in src + dst} <= set(TRACE_EVENTS)
     assert [p.checkpoint for p in src if p.checkpoint] == SRC_CHECKPOINTS
@@ -225,3 +229,33 @@ def test_qemu_timeline_shows_qemus_own_checkpoints(mode):
     if mode == "cpr-transfer":
         for name in ("cpr_state_save", "cpr_transfer_output", "cpr_transfer_input", "cpr_state_load"):
             assert any(d.startswith(name + " ") for d in traces), name
+
+
+def test_bench_reports_the_breakdown_per_backend_and_mode():
+    from labkit.bench import format_breakdown, summarise_breakdown
+
+    def row(backend, mode, status="completed"):
+        rows = pause_breakdown(timeline_from_logs(mode))
+        return {
+            "backend": backend,
+            "mode": mode,
+            "status": status,
+            "pause_breakdown": [r.__dict__ for r in rows],
+        }
+
+    runs = [
+        row("qemu", "cpr-transfer"),
+        row("qemu", "cpr-transfer"),
+        row("qemu", "normal"),
+        row("qemu", "normal", "failed"),
+    ]
+    out = summarise_breakdown(runs)
+    assert [(b["backend"], b["mode"], b["runs"]) for b in out] == [
+        ("qemu", "cpr-transfer", 2),
+        ("qemu", "normal", 1),
+    ]
+    assert out[0]["t_ms_median"]["RESUME"] == pytest.approx(22.606, abs=0.001)
+    text = "\n".join(format_breakdown(out))
+    assert "src-non-iterable-saved -> dst-precopy-loadvm-completed" in text
+    assert "22.606" in text and "qemu cpr-transfer" in text
+    assert format_breakdown([]) == []

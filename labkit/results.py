@@ -158,6 +158,11 @@ class Result:
             f"  states: source {self.states.get('source')}, destination {self.states.get('destination')}",
             f"  guest memory verified: {self.guest_verified}",
         ]
+        if self.pause_breakdown:
+            lines.append("  pause by checkpoint (ms from STOP, +ms since the one before):")
+            for b in self.pause_breakdown:
+                since = "" if b.delta_ms is None else f"+{b.delta_ms:.3f}"
+                lines.append(f"    {b.side:11s} {b.checkpoint:36s} {b.t_ms:9.3f} {since:>9s}")
         for m in self.mappings:
             if m.block in ("ram0", "pc.ram") or m.block == self.notes_block():
                 lines.append(f"  {m.side:11s} {m.block}: {m.start:#x}-{m.end:#x} inode {m.inode} {m.path}")

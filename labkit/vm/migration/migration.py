@@ -430,9 +430,12 @@ class MigrationState:
             data = dev.save()
             qemu_save_device_state(f, dev.name, 0, dev.version, data)
             self.stats.downtime_bytes += len(data)
+        # QEMU marks it at the end of qemu_savevm_state_complete_precopy_non_iterable(), before its caller's
+        # final qemu_fflush(): the destination cannot have loaded everything by then. Here the flush comes
+        # with the EOF (qemu_savevm_state_end), so the mark goes just before it.
+        self.checkpoint("src-non-iterable-saved")
         qemu_savevm_state_end(f)
         f.flush()
-        self.checkpoint("src-non-iterable-saved")
         self.stats.remaining = 0
         self.t_end = time.monotonic()
         self.vm.runstate.set(rs.POSTMIGRATE)

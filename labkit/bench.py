@@ -16,7 +16,7 @@ import platform
 import socket
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -269,6 +269,7 @@ def run_matrix(plan: BenchPlan, progress=None) -> list[dict[str, Any]]:
             )
             row = res.flat()
             row["rep"] = rep
+            row["pause_breakdown"] = [asdict(b) for b in res.pause_breakdown]
             rows.append(row)
             if progress is not None:
                 progress.update(1)
@@ -307,6 +308,54 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"{k}_median"], row[f"{k}_min"], row[f"{k}_max"] = st["median"], st["min"], st["max"]
         out.append(row)
     return out
+
+
+def summarise_breakdown(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per backend and mode, over every completed run (all RAM sizes and dirty rates): the median time
+    between consecutive checkpoints on the guest's critical path, and each checkpoint's median time from
+    STOP (labkit.breakdown; QEMU's checkpoint names on both backends)."""
+    from labkit.breakdown import breakdown_steps
+
+    groups: dict[tuple[str, str], list] = {}
+    for r in rows:
+        if r["status"] == "completed" and r.get("pause_breakdown"):
+            groups.setdefault((r["backend"], r["mode"]), []).append(r["pause_breakdown"])
+    return [{"backend": b, "mode": m, **breakdown_steps(runs)} for (b, m), runs in groups.items()]
+
+
+def format_breakdown(breakdown: list[dict[str, Any]]) -> list[str]:
+    """The breakdown as a table: one line per step, one column per backend and mode (median ms)."""
+    if not breakdown:
+        return []
+    cols = [(b["backend"], b["mode"]) for b in breakdown]
+    steps: list[tuple[str, str]] = []
+    for b in breakdown:
+        for s in b["steps"]:
+            if (s["from"], s["to"]) not in steps:
+                steps.append((s["from"], s["to"]))
+    from labkit.breakdown import PAUSE_CHECKPOINTS
+
+    order = {name: i for i, (_, name, _) in enumerate(PAUSE_CHECKPOINTS)}
+    steps.sort(key=lambda st: (order[st[1]], order[st[0]]))
+    values = {
+        (b["backend"], b["mode"], s["from"], s["to"]): s["median_ms"] for b in breakdown for s in b["steps"]
+    }
+    width = max(len(f"{a} -> {z}") for a, z in steps)
+    head = "".join(f" {(b[:4] + ' ' + m)[:17]:>17s}" for b, m in cols)
+    lines = [
+        "pause breakdown (median ms between consecutive checkpoints, QEMU's names; '-': not on this path):",
+        f"  {'step':{width}s}{head}",
+    ]
+    for a, z in steps:
+        cells = "".join(
+            f" {'-' if (v := values.get((b, m, a, z))) is None else f'{v:.3f}':>17s}" for b, m in cols
+        )
+        lines.append(f"  {a + ' -> ' + z:{width}s}{cells}")
+    stop_resume = "".join(
+        f" {'-' if (v := b['t_ms_median'].get('RESUME')) is None else f'{v:.3f}':>17s}" for b in breakdown
+    )
+    lines.append(f"  {'STOP -> RESUME (median)':{width}s}{stop_resume}")
+    return lines
 
 
 def _cell(summary, backend, mode, ram=None, dirty=0, pick=min):
@@ -394,6 +443,7 @@ def run_bench(plan: BenchPlan, show_progress: bool = True) -> dict[str, Any]:
         "ceilings": ceilings,
         "vm": vm,
         "cells": summary,
+        "pause_breakdown": summarise_breakdown(rows),
         "runs": rows,
         "ratios": compute_ratios(summary, ceilings),
         "seconds": round(time.monotonic() - t0, 1),
@@ -455,6 +505,9 @@ def format_report(report: dict[str, Any]) -> str:
             f"{f(s['total_ms_median'], '{:.0f}'):>9s} {f(s['bytes_main_median'], '{:.0f}'):>11s} "
             f"{f(None if tp is None else tp / 1e6, '{:.0f}'):>12s}"
         )
+    breakdown = format_breakdown(report.get("pause_breakdown", []))
+    if breakdown:
+        lines += ["", *breakdown]
     lines.append("")
     lines.append("ratios (targets are reported, not asserted):")
     for name, r in report["ratios"].items():

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from labkit.backends import get_backend
+from labkit.breakdown import pause_breakdown
 from labkit.config import GuestConfig, VMConfig, parse_size
 from labkit.inspect import page_frames, read_fds, read_maps
 from labkit.machine import Machine
@@ -77,6 +78,16 @@ def _events_of(ops, m: Machine | None) -> list[dict]:
         return ops.events(m)
     except (QMPCommandError, QMPTimeout, ConnectionError):
         return [{**e, "monotonic-ns": None} for e in m.events]
+
+
+def _checkpoints_of(ops, m: Machine | None) -> list[dict]:
+    """The VM's trace points (QEMU's trace log, or labkit-vm's x-labkit-checkpoints); none if unreadable."""
+    if m is None or not m.alive():
+        return []
+    try:
+        return ops.checkpoints(m)
+    except (QMPCommandError, QMPTimeout, ConnectionError, OSError):
+        return []
 
 
 class Lab:
@@ -303,15 +314,14 @@ class Lab:
         if self.backend == "emulated":
             # the destination faults its RAM in before it accepts; don't measure a stream racing with that
             self._wait_for(
-                lambda: self._checkpoint_seen(self.dst, "dst-populated"),
+                lambda: self._checkpoint_seen(self.dst, "labkit-dst-populated"),
                 "the destination to fault its RAM in",
                 self.dst,
             )
 
     @staticmethod
     def _checkpoint_seen(m: Machine, name: str) -> bool:
-        marks = m.cmd("x-labkit-query-migrate", timeout=10).get("checkpoints", [])
-        return any(c["name"] == name for c in marks)
+        return any(c["name"] == name for c in m.cmd("x-labkit-checkpoints", timeout=10))
 
     def _labkit_info(self, m: Machine | None) -> dict:
         """x-labkit-query-migrate: what the emulator knows beyond QEMU's query-migrate (bytes on the cpr
@@ -414,6 +424,7 @@ class Lab:
         self.migrate_info = self.src.cmd("query-migrate")
         self.migrate_lab_info = self._labkit_info(self.src)
         self.src_events = _events_of(self.ops, self.src)
+        self.src_checkpoints = _checkpoints_of(self.ops, self.src)
         self.src_state = self.src.cmd("query-status")["status"]
         self.src_maps = self._block_mappings("source", self.src)
         self.src.shutdown()
@@ -591,8 +602,16 @@ class Lab:
                 res.timeline.append(
                     TimelineRow(round((e["monotonic-ns"] - self.t0) / 1e6, 3), side, e["event"], detail)
                 )
+        src_marks = _checkpoints_of(self.ops, self.src) if src_alive else getattr(self, "src_checkpoints", [])
+        for side, marks in (("source", src_marks), ("destination", _checkpoints_of(self.ops, self.dst))):
+            for c in marks:
+                detail = c["name"] if c["kind"] == "checkpoint" else f"{c['name']} {c['detail']}".rstrip()
+                res.timeline.append(
+                    TimelineRow(round((c["monotonic-ns"] - self.t0) / 1e6, 3), side, c["kind"], detail)
+                )
         res.timeline += self.marks
         res.timeline.sort(key=lambda r: r.t_ms)
+        res.pause_breakdown = pause_breakdown(res.timeline)
         res.states["source"] = (
             self.src.cmd("query-status", timeout=10)["status"]
             if src_alive

@@ -23,9 +23,10 @@ def _human(n: float) -> str:
 
 
 def plot_timeline(result: Result) -> Figure:
-    """Both sides' events on one clock, the lab's phases as bands, and the guest's pause shaded."""
-    fig = Figure(figsize=(10, 3.2))
-    ax = fig.add_subplot()
+    """Both sides' events on one clock, the lab's phases as bands, and the guest's pause shaded; below, when
+    the Result has a pause breakdown, the pause itself with QEMU's checkpoints on both lanes."""
+    fig = Figure(figsize=(10, 6.4 if result.pause_breakdown else 3.2))
+    ax = fig.add_subplot(2, 1, 1) if result.pause_breakdown else fig.add_subplot()
     rows = {"source": 2, "destination": 1, "lab": 0}
     phases = [r for r in result.timeline if r.side == "lab" and r.kind == "phase"]
     end = max((r.t_ms for r in result.timeline), default=1.0)
@@ -34,7 +35,10 @@ def plot_timeline(result: Result) -> Figure:
         ax.axvspan(ph.t_ms, stop, color=f"C{i % 10}", alpha=0.08, label=None)
         ax.text(max(ph.t_ms, 0), -0.35 - 0.28 * (i % 3), ph.detail, fontsize=7, va="top", clip_on=True)
     for r in result.timeline:
-        if r.side not in rows or (r.side == "lab" and r.kind == "phase"):
+        if r.side not in rows or (r.side == "lab" and r.kind == "phase") or r.kind == "trace":
+            continue
+        if r.kind == "checkpoint":  # named in the zoom below; here a small tick on the lane
+            ax.plot(r.t_ms, rows[r.side], marker="|", color="tab:purple", markersize=6, alpha=0.6)
             continue
         marker = {"STOP": "v", "RESUME": "^", "MIGRATION": "o", "MIGRATION_PASS": "|"}.get(r.kind, "x")
         ax.plot(
@@ -66,8 +70,64 @@ def plot_timeline(result: Result) -> Figure:
         ax.set_xlim(start - 0.15 * span, end + 0.05 * span)
     ax.set_xlabel("time (ms, host CLOCK_MONOTONIC)")
     ax.set_title(f"{result.mode} migration timeline ({result.backend}, {_human(result.ram_bytes)})")
+    if result.pause_breakdown:
+        _plot_pause_breakdown(fig.add_subplot(2, 1, 2), result)
     fig.tight_layout()
     return fig
+
+
+def _plot_pause_breakdown(ax, result: Result) -> None:
+    """The pause, zoomed: each checkpoint (QEMU's names, both backends) on its process's lane, in ms from the
+    source's STOP event; QEMU's per-section save/load trace points as dots; STOP -> RESUME shaded."""
+    lanes = {"source": 1, "destination": 0}
+    t_last = max(r.t_ms for r in result.pause_breakdown)
+    start = min((r.t_ms for r in result.pause_breakdown if r.checkpoint == "src-downtime-start"), default=0.0)
+    # a main channel connected long before (pre-copy) stays in the overview above
+    rows = [r for r in result.pause_breakdown if r.t_ms >= min(start, 0.0) - 0.5 * max(t_last, 0.01)]
+    t_first = min(r.t_ms for r in rows)
+    span = max(t_last - t_first, 0.01)
+    lo, hi = t_first - 0.05 * span, t_last + 0.05 * span
+    resume = next((r.t_ms for r in rows if r.checkpoint == "RESUME"), None)
+    if resume is not None:
+        ax.axvspan(0.0, resume, color="red", alpha=0.15, label=f"STOP -> RESUME {resume:.3f} ms")
+        ax.legend(loc="upper right", fontsize=7)
+    stop_abs = next((r.t_ms for r in result.timeline if r.side == "source" and r.kind == "STOP"), None)
+    if stop_abs is None:  # the guest was not running: times are from src-downtime-start
+        stop_abs = next(
+            (r.t_ms for r in result.timeline if r.kind == "checkpoint" and r.detail == "src-downtime-start"),
+            0.0,
+        )
+    for r in result.timeline:
+        t = r.t_ms - stop_abs
+        if r.kind == "trace" and r.side in lanes and lo <= t <= hi:
+            ax.plot(t, lanes[r.side], marker=".", color="tab:gray", markersize=3, alpha=0.5)
+    last: dict[str, tuple[float, int]] = {}  # per lane: the last label's time and level, to stack close ones
+    for r in sorted(rows, key=lambda r: r.t_ms):
+        event = r.checkpoint in ("STOP", "RESUME")
+        y = lanes.get(r.side, 0)
+        prev_t, prev_level = last.get(r.side, (None, -1))
+        level = (prev_level + 1) % 5 if prev_t is not None and r.t_ms - prev_t < 0.12 * (hi - lo) else 0
+        last[r.side] = (r.t_ms, level)
+        ax.plot(
+            r.t_ms,
+            y,
+            marker="v" if r.checkpoint == "STOP" else "^" if event else "|",
+            color="black" if event else "tab:purple",
+            markersize=9,
+        )
+        ax.annotate(
+            r.checkpoint,
+            (r.t_ms, y),
+            xytext=(3, 6 + 8 * level),
+            textcoords="offset points",
+            fontsize=6.5,
+            color="black" if event else "tab:purple",
+        )
+    ax.set_yticks(list(lanes.values()), list(lanes.keys()))
+    ax.set_ylim(-0.4, 2.0)
+    ax.set_xlim(lo, hi)
+    ax.set_xlabel("ms from the source's STOP event")
+    ax.set_title("the pause by checkpoint (QEMU's trace-point names)", fontsize=9)
 
 
 def plot_address_space(mappings: Iterable[MappingRow], title: str = "guest RAM in each process") -> Figure:

@@ -34,6 +34,17 @@ class TimelineRow:
 
 
 @dataclass
+class BreakdownRow:
+    """One checkpoint of one migration (labkit.breakdown): when, from the source's STOP event, and since the
+    checkpoint before it."""
+
+    checkpoint: str
+    side: str
+    t_ms: float
+    delta_ms: float | None
+
+
+@dataclass
 class Result:
     backend: str
     mode: str
@@ -57,6 +68,7 @@ class Result:
     states: dict[str, str] = field(default_factory=dict)
     mappings: list[MappingRow] = field(default_factory=list)
     timeline: list[TimelineRow] = field(default_factory=list)
+    pause_breakdown: list[BreakdownRow] = field(default_factory=list)  # QEMU's checkpoints, from STOP
     query_migrate: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -68,6 +80,15 @@ class Result:
         import pandas as pd
 
         return pd.DataFrame([asdict(r) for r in self.timeline], columns=["t_ms", "side", "kind", "detail"])
+
+    def breakdown_frame(self):
+        """The pause by checkpoint as a DataFrame (checkpoint, side, t_ms from STOP, delta_ms from the one
+        before), QEMU's checkpoint names on both backends."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            [asdict(r) for r in self.pause_breakdown], columns=["checkpoint", "side", "t_ms", "delta_ms"]
+        )
 
     def phase_durations(self):
         """How long each lab phase lasted (ms): from its start mark to the next one, or the last event."""
@@ -85,7 +106,15 @@ class Result:
         """One flat row: the scalar fields of `labkit migrate --json`, nested ones joined with '_'."""
         row: dict[str, Any] = {}
         for key, value in self.to_dict().items():
-            if key in ("mappings", "timeline", "query_migrate", "verify", "notes", "pages_per_pass"):
+            if key in (
+                "mappings",
+                "timeline",
+                "query_migrate",
+                "verify",
+                "notes",
+                "pages_per_pass",
+                "pause_breakdown",
+            ):
                 continue
             if isinstance(value, dict):
                 for k, v in value.items():
@@ -129,6 +158,11 @@ class Result:
             f"  states: source {self.states.get('source')}, destination {self.states.get('destination')}",
             f"  guest memory verified: {self.guest_verified}",
         ]
+        if self.pause_breakdown:
+            lines.append("  pause by checkpoint (ms from STOP, +ms since the one before):")
+            for b in self.pause_breakdown:
+                since = "" if b.delta_ms is None else f"+{b.delta_ms:.3f}"
+                lines.append(f"    {b.side:11s} {b.checkpoint:36s} {b.t_ms:9.3f} {since:>9s}")
         for m in self.mappings:
             if m.block in ("ram0", "pc.ram") or m.block == self.notes_block():
                 lines.append(f"  {m.side:11s} {m.block}: {m.start:#x}-{m.end:#x} inode {m.inode} {m.path}")

@@ -35,6 +35,10 @@ class BackendOps(Protocol):
     def events(self, m: Machine) -> list[dict]:
         """Every QMP event the VM emitted, each with "monotonic-ns" on the host's CLOCK_MONOTONIC."""
 
+    def checkpoints(self, m: Machine) -> list[dict]:
+        """QEMU's trace points the VM passed ({"name", "monotonic-ns", "kind", "detail"}): kind "checkpoint"
+        for the downtime checkpoints and the main channel's connect/accept, "trace" for the others."""
+
 
 def get_backend(name: str) -> BackendOps:
     if name == "emulated":

@@ -37,3 +37,7 @@ class EmulatedOps:
 
     def events(self, m: Machine) -> list[dict]:
         return m.cmd("x-labkit-events", timeout=10)
+
+    def checkpoints(self, m: Machine) -> list[dict]:
+        """The checkpoints labkit-vm records under QEMU's trace-point names, already on CLOCK_MONOTONIC."""
+        return [{**c, "kind": "checkpoint", "detail": ""} for c in m.cmd("x-labkit-checkpoints", timeout=10)]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from labkit.backends import qemu_guest as qg
+from labkit.backends.qemu_trace import SOCKET_CHECKPOINTS, TRACE_LOG, read_trace_log, trace_argv
 from labkit.config import VMConfig
 from labkit.inspect import read_fds, read_maps
 
@@ -76,9 +77,11 @@ def qemu_argv(
     bios: str | None = None,
     binary: str | None = None,
     guest: str | os.PathLike | None = None,
+    trace_log: str | None = None,
 ) -> list[str]:
     """Real QEMU's command line for a VMConfig: the options both backends share (config.common_argv), an
-    accelerator (KVM when /dev/kvm is usable, else TCG), and the tiny guest as a Multiboot -kernel."""
+    accelerator (KVM when /dev/kvm is usable, else TCG), the tiny guest as a Multiboot -kernel, and with
+    `trace_log` QEMU's downtime checkpoints and CPR trace points written there (labkit.backends.qemu_trace)."""
     if config.holds:
         raise ValueError("-x-hold is the emulator's own option: real QEMU cannot hold at migration points")
     argv = [binary or qg.qemu_binary() or "qemu-system-x86_64", "-accel", accel or qg.default_accel()]
@@ -86,6 +89,8 @@ def qemu_argv(
     if bios:
         argv += ["-bios", bios]
     argv += ["-kernel", str(guest or qg.build_guest()), "-append", guest_append(config)]
+    if trace_log:
+        argv += trace_argv(trace_log)
     return argv
 
 
@@ -114,11 +119,17 @@ def wall_to_monotonic_ns(timestamp: dict) -> int:
     The offset between the two clocks is sampled once per process, so every converted event shares it and
     differences between events are exact to QEMU's microsecond; absolute times are off by whatever NTP
     slewed the wall clock since the sample (at most 0.05 %), see docs/conformance.md."""
+    wall = int(timestamp["seconds"]) * 1_000_000_000 + int(timestamp["microseconds"]) * 1000
+    return wall_ns_to_monotonic_ns(wall)
+
+
+def wall_ns_to_monotonic_ns(wall_ns: int) -> int:
+    """A CLOCK_REALTIME time in ns (a QMP timestamp, a trace-log line) on CLOCK_MONOTONIC, with the one
+    offset this process measured, so QEMU's trace points and its QMP events share one timeline."""
     global _OFFSET_NS
     if _OFFSET_NS is None:
         _OFFSET_NS = _wall_minus_monotonic()
-    wall = int(timestamp["seconds"]) * 1_000_000_000 + int(timestamp["microseconds"]) * 1000
-    return wall - _OFFSET_NS
+    return wall_ns - _OFFSET_NS
 
 
 # -------------------------------------------------------------------------------------- RAM blocks
@@ -184,14 +195,23 @@ class QemuOps:
 
     name = "qemu"
 
-    def __init__(self, accel: str | None = None, bios: str | None = None, boot_timeout: float = BOOT_TIMEOUT):
+    def __init__(
+        self,
+        accel: str | None = None,
+        bios: str | None = None,
+        boot_timeout: float = BOOT_TIMEOUT,
+        trace: bool = True,
+    ):
         self.accel = accel
         self.bios = bios if bios is not None else default_bios()
         self.boot_timeout = boot_timeout
+        self.trace = trace
         self._baselines: dict[int, _Baseline] = {}  # by the guest's boot_tsc: one guest, either process
 
     def argv(self, config: VMConfig, qmp_path: str) -> list[str]:
-        return qemu_argv(config, qmp_path, accel=self.accel, bios=self.bios)
+        # the trace log lives in the VM's run dir, beside its QMP socket, and goes when the run dir goes
+        trace_log = os.path.join(os.path.dirname(qmp_path), TRACE_LOG) if self.trace else None
+        return qemu_argv(config, qmp_path, accel=self.accel, bios=self.bios, trace_log=trace_log)
 
     # -- finding guest RAM ---------------------------------------------------------------------------------
     def ram_blocks(self, m: Machine) -> list[dict]:
@@ -364,6 +384,24 @@ class QemuOps:
         """The events this client saw since it connected (QEMU keeps no history of its own), each with
         "monotonic-ns" converted from its wall-clock timestamp."""
         return [{**e, "monotonic-ns": wall_to_monotonic_ns(e["timestamp"])} for e in list(m.events)]
+
+    def checkpoints(self, m: Machine) -> list[dict]:
+        """QEMU's own trace points from the VM's trace log, on CLOCK_MONOTONIC: each downtime checkpoint
+        under its own name ("src-vm-stopped", ...) and the main channel's connect/accept as kind
+        "checkpoint"; every other traced event (cpr_*, per-section vmstate_downtime_save/load) as kind
+        "trace" with its arguments as detail. Empty when tracing is off or the run dir has gone."""
+        out = []
+        for p in read_trace_log(str(m.run_dir / TRACE_LOG)):
+            is_checkpoint = p.checkpoint is not None or p.name in SOCKET_CHECKPOINTS
+            out.append(
+                {
+                    "name": p.checkpoint or p.name,
+                    "monotonic-ns": wall_ns_to_monotonic_ns(p.wall_ns),
+                    "kind": "checkpoint" if is_checkpoint else "trace",
+                    "detail": "" if p.checkpoint else p.args,
+                }
+            )
+        return out
 
 
 def _all_threads_stopped(pid: int) -> bool:

@@ -31,6 +31,7 @@ Deliberate differences from QEMU (all in the direction of "never hurts a client"
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -846,6 +847,10 @@ class Monitor:
         self.package = package
         self._commands: dict[str, _Command] = {}
         self._listeners: list[Callable[[dict], None]] = []
+        # While this answers True, events from other threads are stamped and queued but the loop thread is not
+        # woken to send them (release_events does): the VM holds them while the guest is stopped for
+        # migration's completion, so that no GIL hand-over to the loop thread lands inside the pause.
+        self.hold_events: Callable[[], bool] | None = None
         self._event_lock = threading.RLock()
         self._event_queue: deque[tuple[_QMPSession, bytes]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -996,13 +1001,21 @@ class Monitor:
             loop = self._loop
         if threading.get_ident() == self._loop_thread:
             self._flush_events()
-        elif wake:
+        elif wake and not (self.hold_events is not None and self.hold_events()):
             # Each wake-up hands the GIL to the loop thread; a burst of events (a migration's completion
             # emits four within a millisecond) costs one hand-over, not four, in the middle of the pause.
             try:
                 loop.call_soon_threadsafe(self._flush_events)
             except RuntimeError:  # loop already closed: the client is gone too
                 pass
+
+    def release_events(self) -> None:
+        """Send what hold_events kept back: one wake-up of the loop thread for the lot."""
+        with self._event_lock:
+            loop = self._loop if self._event_queue else None
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # loop already closed: the client is gone too
+                loop.call_soon_threadsafe(self._flush_events)
 
     def _flush_events(self) -> None:
         while True:

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 RUNNING = "running"
 PAUSED = "paused"
 PRELAUNCH = "prelaunch"
@@ -36,11 +38,14 @@ class RunState:
 
     def __init__(self, initial: str):
         self.state = initial
+        self.on_change: Callable[[str, str], None] | None = None  # (old, new), after each set
 
     def set(self, new: str) -> None:
         if new != self.state and new not in TRANSITIONS.get(self.state, set()):
             raise RunStateError(f"invalid runstate transition: '{self.state}' -> '{new}'")
-        self.state = new
+        old, self.state = self.state, new
+        if self.on_change is not None:
+            self.on_change(old, new)
 
     @property
     def running(self) -> bool:

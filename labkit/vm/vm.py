@@ -44,6 +44,8 @@ class VM:
         self.events: list[dict] = []  # every event this VM emitted, with CLOCK_MONOTONIC ns, for the timeline
         self.monitor.add_event_listener(self._record_event)
         self.migration = MigrationState(self)
+        self.monitor.hold_events = self._in_switchover
+        self.runstate.on_change = self._runstate_changed
         self.loop: asyncio.AbstractEventLoop | None = None
         self.quit_requested: asyncio.Event | None = None
         self._register_commands()
@@ -53,14 +55,32 @@ class VM:
         self.events.append({**ev, "monotonic-ns": time.monotonic_ns()})
         del self.events[:-10000]
 
+    def _in_switchover(self) -> bool:
+        """The guest is stopped for migration's completion and no client waits on an event to go on (no
+        x-labkit hold armed, no pause-before-switchover): its events can wait until the device state is out.
+        They keep the time they were emitted; only their sending waits, and the pause loses the loop thread's
+        GIL hand-overs."""
+        mig = self.migration
+        return (
+            self.runstate.state == rs.FINISH_MIGRATE
+            and not mig.holds
+            and not mig.caps["pause-before-switchover"]
+        )
+
+    def _runstate_changed(self, old: str, new: str) -> None:
+        if old == rs.FINISH_MIGRATE and new != old:
+            self.monitor.release_events()
+
     def emit(self, name: str, data: dict | None = None) -> None:
         self.monitor.emit_event(name, data)
 
     def vm_start(self) -> None:
-        """vm_start(): run the vCPU and announce RESUME."""
+        """vm_start(): announce RESUME, then run, in QEMU's order: vm_prepare_start() sends RESUME before it
+        sets the run state ("the CPUs will be resumed shortly later") and resume_all_vcpus() follows. Waking
+        the vCPU first would also put its thread's first slice between the guest's stop and RESUME."""
+        self.emit("RESUME")
         self.runstate.set(rs.RUNNING)
         self.vcpu.resume()
-        self.emit("RESUME")
 
     def vm_stop(self, new_state: str) -> bool:
         """do_vm_stop(): quiesce the vCPU, then STOP; returns whether the VM was running."""

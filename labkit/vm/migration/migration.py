@@ -215,6 +215,7 @@ class MigrationState:
         m.register("x-labkit-query-migrate", self.qmp_labkit_query_migrate)
         m.register("x-labkit-hold", self.qmp_hold, {"*points": "list"})
         m.register("x-labkit-continue", self.qmp_continue, {"*point": "str"})
+        m.register("x-labkit-checkpoints", lambda a: self.checkpoint_list())
 
     # -- hold points (lab extension) ----------------------------------------------------------------------
     def qmp_hold(self, args: dict) -> dict:
@@ -399,6 +400,8 @@ class MigrationState:
         except (OSError, ValueError) as e:
             self._fail(str(e))
             return
+        if isinstance(sink, socket.socket):
+            self.checkpoint("migration_socket_outgoing_connected")
         self._limiter = RateLimiter(self.params["max-bandwidth"], self.cancelled)
         f = QEMUFileOut(
             sink,
@@ -425,8 +428,14 @@ class MigrationState:
                 sink.close()
 
     def checkpoint(self, name: str) -> None:
-        """QEMU's vmstate_downtime_checkpoint trace points, kept on CLOCK_MONOTONIC for the lab's timeline."""
+        """QEMU's trace points, at the places QEMU 10.0.2 fires them, kept on CLOCK_MONOTONIC for the lab's
+        timeline: vmstate_downtime_checkpoint's names ("src-vm-stopped", ...), the main channel's
+        migration_socket_outgoing_connected / _incoming_accepted, and labkit's own, named "labkit-..."."""
         self.checkpoints.append((name, time.monotonic_ns()))
+
+    def checkpoint_list(self) -> list[dict]:
+        """x-labkit-checkpoints: every checkpoint so far, oldest first."""
+        return [{"name": n, "monotonic-ns": t} for n, t in self.checkpoints]
 
     def _stop_vm(self) -> None:
         """migration_stop_vm(): the guest pauses here; the downtime clock starts."""
@@ -473,9 +482,12 @@ class MigrationState:
         self.checkpoint("src-iterable-saved")
         for dev in sorted(self.vm.devices, key=lambda d: f.savevm.section_id(d.name, 0)):
             self.stats.downtime_bytes += qemu_save_device_state(f, dev.name, 0, dev.vmsd, dev.save())
+        # QEMU marks it at the end of qemu_savevm_state_complete_precopy_non_iterable(), before its caller's
+        # final qemu_fflush(): the destination cannot have loaded everything by then. Here the flush comes
+        # with the EOF (qemu_savevm_state_end), so the mark goes just before it.
+        self.checkpoint("src-non-iterable-saved")
         qemu_savevm_state_end(f)
         f.flush()
-        self.checkpoint("src-non-iterable-saved")
         self.stats.remaining = 0
         self.t_end = time.monotonic()
         # migration_calculate_complete(): the final mbps is the whole stream over the time after setup
@@ -713,13 +725,13 @@ class MigrationState:
             for b in self.vm.ram:
                 if not b.reused and b.kind != "file":
                     populate(b)
-            self.checkpoint("dst-populated")
+            self.checkpoint("labkit-dst-populated")
             if isinstance(source, socket.socket):
                 conn, _ = source.accept()
+                self.checkpoint("migration_socket_incoming_accepted")
                 source.close()
                 self._incoming_listener = None
                 self._incoming_conn = conn
-            self.checkpoint("dst-accepted")
             self._set_incoming_status("active")
             stats = qemu_loadvm_state(
                 QEMUFileIn(conn),
@@ -787,14 +799,17 @@ class MigrationState:
             ) from None
 
     def process_incoming_migration_bh(self) -> None:
-        """Resume if the source was running and -S was not given; then report completed (QEMU's order)."""
+        """Resume if the source was running and -S was not given; then report completed (QEMU's order).
+        There is no NIC to announce: dst-precopy-bh-announced follows bh-enter at once. QEMU marks
+        dst-precopy-bh-vm-started whether or not it started the guest."""
         self.checkpoint("dst-precopy-bh-enter")
+        self.checkpoint("dst-precopy-bh-announced")
         self.vm.guest.block.dirty[:] = 0
         if self.vm.global_state.runstate == rs.RUNNING and self.vm.autostart:
             self.vm.vm_start()
-            self.checkpoint("dst-vm-started")
         else:
             self.vm.runstate.set(rs.PAUSED)
+        self.checkpoint("dst-precopy-bh-vm-started")
         # migration_incoming_state_destroy() (QEMU runs it just after): back to MIG_MODE_NONE, the listening
         # address forgotten; done first here so that no answer after the event still shows them
         self.incoming_mode = None

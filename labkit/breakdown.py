@@ -1,0 +1,108 @@
+"""The guest's pause broken down by checkpoint, the same way for both backends.
+
+The checkpoints are QEMU 10.0.2's own: the names its vmstate_downtime_checkpoint trace point gives
+(migration/migration.c and savevm.c), the main channel's migration_socket_outgoing_connected /
+migration_socket_incoming_accepted trace points, and the STOP and RESUME events. Real QEMU writes them to
+its trace log (labkit.backends.qemu_trace); the emulator records the same names at the same places
+(labkit.vm.migration.migration). Where QEMU reads and loads each device section in turn, there is no
+separate "device state read" instant, on either backend: dst-precopy-loadvm-completed covers both.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from itertools import pairwise
+
+from labkit.results import BreakdownRow, TimelineRow
+
+# (side, checkpoint, what it marks), in the order QEMU passes them on the guest's critical path.
+PAUSE_CHECKPOINTS: tuple[tuple[str, str, str], ...] = (
+    ("source", "migration_socket_outgoing_connected", "main channel connected"),
+    ("destination", "migration_socket_incoming_accepted", "main channel accepted"),
+    ("source", "src-downtime-start", "stop requested (migration_stop_vm)"),
+    ("source", "STOP", "vCPUs paused, STOP emitted"),
+    ("source", "src-vm-stopped", "vm_stop_force_state returned: stop notifiers done"),
+    ("source", "src-iterable-saved", "RAM's last section written"),
+    ("source", "src-non-iterable-saved", "device state written"),
+    ("destination", "dst-precopy-loadvm-completed", "device state read and loaded"),
+    ("destination", "dst-precopy-bh-enter", "process_incoming_migration_bh runs"),
+    ("destination", "dst-precopy-bh-announced", "self-announce done"),
+    ("destination", "RESUME", "vm_start: RESUME emitted"),
+    ("destination", "dst-precopy-bh-vm-started", "vm_start returned"),
+)
+# Off the guest's critical path: the source stops its downtime clock just before `completed`, which on real
+# QEMU can come after the destination has resumed.
+OFF_PATH_CHECKPOINTS: tuple[tuple[str, str, str], ...] = (
+    ("source", "src-downtime-end", "source's downtime clock stops; completed follows"),
+)
+ALL_CHECKPOINTS = PAUSE_CHECKPOINTS + OFF_PATH_CHECKPOINTS
+CHECKPOINT_WHAT = {(side, name): what for side, name, what in ALL_CHECKPOINTS}
+
+
+def _times(timeline: Iterable[TimelineRow]) -> dict[tuple[str, str], float]:
+    """The first time each (side, checkpoint) appears in a timeline: checkpoint rows and STOP/RESUME events."""
+    out: dict[tuple[str, str], float] = {}
+    for r in timeline:
+        if r.kind == "checkpoint":
+            key = (r.side, r.detail)
+        elif r.kind in ("STOP", "RESUME"):
+            key = (r.side, r.kind)
+        else:
+            continue
+        if key in CHECKPOINT_WHAT and key not in out:
+            out[key] = r.t_ms
+    return out
+
+
+def pause_breakdown(timeline: Iterable[TimelineRow]) -> list[BreakdownRow]:
+    """The checkpoints of one migration in the order they happened, each with its time from the source's
+    STOP event (from src-downtime-start when the guest was not running, so no STOP came) and the time since
+    the previous one. Empty when neither happened."""
+    times = _times(timeline)
+    zero = times.get(("source", "STOP"), times.get(("source", "src-downtime-start")))
+    if zero is None:
+        return []
+    rows: list[BreakdownRow] = []
+    order = {(side, name): i for i, (side, name, _) in enumerate(ALL_CHECKPOINTS)}
+    for (side, name), t in sorted(times.items(), key=lambda kv: (kv[1], order[kv[0]])):
+        delta = None if not rows else round(t - (rows[-1].t_ms + zero), 3)
+        rows.append(BreakdownRow(name, side, round(t - zero, 3), delta))
+    return rows
+
+
+def breakdown_steps(runs: Sequence[Sequence[BreakdownRow | dict]]) -> dict:
+    """Over many migrations of one kind: the median time between consecutive critical-path checkpoints
+    (PAUSE_CHECKPOINTS order, skipping any a run lacks), and the median time of each checkpoint from STOP."""
+
+    def as_map(run) -> dict[tuple[str, str], float]:
+        rows = [r if isinstance(r, dict) else asdict(r) for r in run]
+        return {(r["side"], r["checkpoint"]): r["t_ms"] for r in rows}
+
+    maps = [as_map(run) for run in runs]
+    deltas: dict[tuple, list[float]] = {}
+    for m in maps:
+        path = [(side, name) for side, name, _ in PAUSE_CHECKPOINTS if (side, name) in m]
+        for a, b in pairwise(path):
+            deltas.setdefault((a, b), []).append(m[b] - m[a])
+    steps = []
+    for (a, b), values in deltas.items():
+        steps.append(
+            {
+                "from": a[1],
+                "from_side": a[0],
+                "to": b[1],
+                "to_side": b[0],
+                "median_ms": round(statistics.median(values), 3),
+                "n": len(values),
+            }
+        )
+    order = {(side, name): i for i, (side, name, _) in enumerate(PAUSE_CHECKPOINTS)}
+    steps.sort(key=lambda s: (order[(s["to_side"], s["to"])], order[(s["from_side"], s["from"])]))
+    at = {}
+    for side, name, _ in ALL_CHECKPOINTS:
+        values = [m[(side, name)] for m in maps if (side, name) in m]
+        if values:
+            at[name] = round(statistics.median(values), 3)
+    return {"steps": steps, "t_ms_median": at, "runs": len(maps)}

@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""The emulated pause broken down by checkpoint, for two labkit trees run turn about.
+
+On a shared machine the load changes from minute to minute, so two bench runs minutes apart compare the
+load as much as the code. This runs one emulated cpr-transfer migration with tree A, then one with tree B,
+and so on (each tree's code runs in both VM processes through PYTHONPATH), and prints per tree the median
+STOP -> RESUME and the median time between consecutive checkpoints (labkit.breakdown).
+
+    python scripts/pause_ab.py A_TREE B_TREE [--pairs 10] [--ram 256M] [--mode cpr-transfer] [--json FILE]
+
+A tree is a directory holding a labkit package, e.g. `git archive REV | tar -x -C DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ONE_RUN = """
+import json, sys
+from dataclasses import asdict
+from labkit.lab import migrate
+r = migrate(mode=sys.argv[1], ram=sys.argv[2], prefill=True, seed=int(sys.argv[3]))
+assert r.status == "completed" and r.guest_verified, (r.error, r.verify)
+print(json.dumps({"events": r.pause_ms["events"], "guest": r.pause_ms["guest"],
+                  "breakdown": [asdict(b) for b in r.pause_breakdown]}))
+"""
+
+
+def one_run(tree: str, mode: str, ram: str, seed: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve())}
+    out = subprocess.run(
+        [sys.executable, "-c", ONE_RUN, mode, ram, str(seed)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("trees", nargs=2)
+    p.add_argument("--pairs", type=int, default=10)
+    p.add_argument("--ram", default="256M")
+    p.add_argument("--mode", default="cpr-transfer")
+    p.add_argument("--json", help="write every run and the medians here")
+    args = p.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from labkit.breakdown import breakdown_steps
+
+    runs: dict[str, list[dict]] = {t: [] for t in args.trees}
+    for i in range(args.pairs):
+        for tree in args.trees:
+            runs[tree].append(one_run(tree, args.mode, args.ram, i + 1))
+    report = {"command": " ".join(sys.argv), "mode": args.mode, "ram": args.ram, "trees": {}}
+    for tree, rs in runs.items():
+        steps = breakdown_steps([r["breakdown"] for r in rs])
+        guest = [r["guest"] for r in rs if r["guest"] is not None]
+        report["trees"][tree] = {
+            "events_ms_median": statistics.median(r["events"] for r in rs),
+            "guest_ms_median": statistics.median(guest) if guest else None,
+            "steps": steps["steps"],
+            "t_ms_median": steps["t_ms_median"],
+            "runs": rs,
+        }
+        print(
+            f"{tree}: STOP -> RESUME median {report['trees'][tree]['events_ms_median']:.3f} ms, guest-seen "
+            f"median {report['trees'][tree]['guest_ms_median']} ms, {len(rs)} runs"
+        )
+        for s in steps["steps"]:
+            print(f"  {s['from']:38s} -> {s['to']:32s} {s['median_ms']:8.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

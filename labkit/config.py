@@ -105,6 +105,7 @@ class VMConfig:
     backend_id: str = "ram0"
     serial_path: str | None = None  # -serial file:PATH
     holds: list[str] = field(default_factory=list)  # -x-hold (emulator only): migration points to wait at
+    nodefaults: bool = True  # -nodefaults; off gives QEMU's default devices (VGA, NIC) and their RAM blocks
 
     def __post_init__(self) -> None:
         self.ram = parse_size(self.ram, "m") if isinstance(self.ram, str) else self.ram
@@ -148,7 +149,9 @@ class VMConfig:
         obj = self.object_option()
         if obj:
             argv += ["-object", obj]
-        argv += ["-nodefaults", "-display", "none", "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+        if self.nodefaults:
+            argv.append("-nodefaults")
+        argv += ["-display", "none", "-qmp", f"unix:{qmp_path},server=on,wait=off"]
         if self.serial_path:
             argv += ["-serial", f"file:{self.serial_path}"]
         for value in self.incoming:

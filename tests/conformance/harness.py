@@ -24,7 +24,7 @@ from pathlib import Path
 
 from labkit.backends import get_backend
 from labkit.backends.qemu import qemu_argv
-from labkit.config import GiB, MiB, VMConfig, format_size
+from labkit.config import GiB, KiB, MiB, VMConfig, format_size
 from labkit.inspect import read_maps
 from labkit.machine import Machine
 from labkit.qmp import QMPCommandError
@@ -37,11 +37,15 @@ BACKENDS = ("emulated", "qemu")
 RAM = 32 * MiB
 #: Bytes of the main stream let through before the tee holds both sides (header and the first sections).
 PAUSE_AT = 256
-DIRTY_RATE = 1 * MiB  # a paced guest on both backends: it dirties little, and the same on both
-#: Pre-copy's first pass must outlast QEMU's first 100 ms bandwidth estimate, or QEMU takes a different path
-#: (no exact dirty sync, one MIGRATION_PASS less) depending on how busy the host is; at 4 MiB/s the ~1.5 MB of
-#: non-zero pages take ~400 ms, so both backends make the same passes every run.
-MAX_BANDWIDTH = 4 * MiB
+#: Pre-copy must take the same path through QEMU's convergence check every run, however busy the host. QEMU
+#: computes its threshold (bandwidth x downtime-limit) only after its first 100 ms window, and syncs the dirty
+#: bitmap exactly (a MIGRATION_PASS) only while the estimate is under that threshold. So: a first pass that
+#: certainly outlasts a window (every page rate-limited to 1 MiB/s, ~0.5 s), a guest that dirties almost nothing
+#: meanwhile (64 KiB/s) and the largest downtime-limit, so that one exact sync always finds it can stop.
+DIRTY_RATE = 64 * KiB
+MAX_BANDWIDTH = 1 * MiB
+DOWNTIME_LIMIT = 2000
+PRECOPY = {"max-bandwidth": MAX_BANDWIDTH, "downtime-limit": DOWNTIME_LIMIT}
 FINAL = ("completed", "failed", "cancelled")
 
 
@@ -230,7 +234,7 @@ def scenario_normal(run: Run) -> Observation:
     obs = Observation()
     src = run.vm(source_config())
     run.booted(src)
-    src.cmd("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+    src.cmd("migrate-set-parameters", PRECOPY)
     dst = run.vm(replace(source_config(), name="dst").with_incoming(f"unix:{run.path('dst-main')}"))
     obs.checks["destination.query-migrate@before"] = members(dst.cmd("query-migrate"))
     tee = run.tee("main", target=run.path("dst-main"), pause_at=PAUSE_AT)
@@ -281,7 +285,7 @@ def scenario_cpr_reboot(run: Run) -> Observation:
     obs = Observation()
     src = run.vm(source_config())
     run.booted(src)
-    src.cmd("migrate-set-parameters", {"mode": "cpr-reboot", "max-bandwidth": MAX_BANDWIDTH})
+    src.cmd("migrate-set-parameters", {"mode": "cpr-reboot", **PRECOPY})
     state = run.path("vm.state")
     since = len(src.events)
     src.cmd("migrate", {"uri": f"file:{state}"})
@@ -332,13 +336,13 @@ def scenario_cpr_state(nodefaults: bool) -> Callable[[Run], Observation]:
 
 # -- cancel at each status, parameters mid-migration ------------------------------------------------------------
 def scenario_cancel_and_parameters(run: Run) -> Observation:
-    """One source, four migrations to a tee that swallows the stream: cancel in active (tee held), cancel
-    in pre-switchover, raise downtime-limit and max-bandwidth while held in active and complete, then
+    """One source, four migrations to a tee that swallows the stream: cancel in pre-switchover, cancel in
+    active (tee held), raise downtime-limit and max-bandwidth while held in active and complete, then
     cancel after completion."""
     obs = Observation()
     src = run.vm(source_config())
     run.booted(src)
-    src.cmd("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+    src.cmd("migrate-set-parameters", PRECOPY)
 
     def phase(name: str, *, pause: bool, act: Callable[[], None]) -> None:
         since = len(src.events)
@@ -351,6 +355,10 @@ def scenario_cancel_and_parameters(run: Run) -> Observation:
         info = src.cmd("query-migrate")
         obs.checks[f"{name}.query-migrate@{info.get('status', 'none')}"] = members(info)
         obs.checks[f"{name}.events"] = event_names(src.events[since:])
+        if obs.checks[f"{name}.final-status"] != "completed":  # a cancelled migration restarts the guest
+            deadline = time.monotonic() + 5
+            while runstate(src) != "running" and time.monotonic() < deadline:
+                time.sleep(0.01)
         obs.checks[f"{name}.runstate"] = runstate(src)
         tee.close()
 
@@ -370,22 +378,82 @@ def scenario_cancel_and_parameters(run: Run) -> Observation:
 
     def set_parameters() -> None:
         act_tee[0].paused.wait(30)
-        new = {"downtime-limit": 2000, "max-bandwidth": 10 * GiB}
+        time.sleep(0.3)  # well into the first pass, past QEMU's first 100 ms window
+        new = {"downtime-limit": 1000, "max-bandwidth": 10 * GiB}
         obs.checks["parameters.migrate-set-parameters@active"] = answer(src, "migrate-set-parameters", new)
         params = src.cmd("query-migrate-parameters")
         obs.checks["parameters.after"] = [f"{k}={params.get(k)}" for k in sorted(new)]
 
-    phase("cancel-active", pause=True, act=cancel_active)
-    wait_status(src, FINAL)
     src.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "pause-before-switchover", "state": True}]})
     phase("cancel-pre-switchover", pause=False, act=cancel_pre_switchover)
     src.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "pause-before-switchover", "state": False}]})
-    if runstate(src) != "running":
-        src.cmd("cont")
+    phase("cancel-active", pause=True, act=cancel_active)
     obs.checks["parameters.verified-before"] = bool(run.ops.verify(src).get("ok"))
     phase("parameters", pause=True, act=set_parameters)
     obs.checks["completed.migrate_cancel"] = answer(src, "migrate_cancel")
     obs.checks["completed.status-after-cancel"] = status(src)
+    return obs
+
+
+def scenario_downtime_limit_zero(run: Run) -> Observation:
+    """downtime-limit 0: QEMU's threshold is then always 0, so it never syncs exactly before stopping and
+    completes when its first pass ends (nothing it knows of is left). The rule, with no timing in it."""
+    obs = Observation()
+    src = run.vm(source_config())
+    run.booted(src)
+    src.cmd("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH, "downtime-limit": 0})
+    tee = run.tee("main")
+    since = len(src.events)
+    src.cmd("migrate", {"uri": f"unix:{tee.path}"})
+    st = wait_status(src, FINAL, timeout=8)
+    obs.info["status after 8 s"] = st  # the emulator's loop ends when a sync happens to find nothing dirty
+    if st not in FINAL:
+        src.cmd("migrate_cancel")
+        wait_status(src, FINAL, timeout=10)
+    names = event_names(src.events[since:])
+    # what follows `active` is the rule itself; how many passes a non-converging loop makes is timing
+    obs.checks["event after active"] = names[names.index("active") + 1] if "active" in names[:-1] else None
+    obs.info["source.events"] = names
+    tee.close()
+    return obs
+
+
+def scenario_destination_failed(run: Run) -> Observation:
+    """A destination (-incoming defer, migrate-incoming with exit-on-error false) fed a stream with a bad
+    magic: its answers once failed, and the text."""
+    obs = Observation()
+    dst = run.vm(VMConfig(name="dst", ram=RAM).with_incoming("defer"))
+    obs.checks["query-migrate@before"] = members(dst.cmd("query-migrate"))
+    main = run.path("main")
+    obs.checks["migrate-incoming"] = answer(dst, "migrate-incoming", {"uri": f"unix:{main}", "exit-on-error": False})
+    deadline = time.monotonic() + 10
+    while not os.path.exists(main) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    obs.checks["query-migrate@listening"] = members(dst.cmd("query-migrate"))
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.connect(main)
+        s.sendall(b"XXXX" + struct.pack(">I", 3))
+        s.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + 10
+        while dst.alive() and time.monotonic() < deadline:
+            with contextlib.suppress(Exception):  # the monitor goes away with a destination that exits
+                if status(dst) in FINAL:
+                    break
+            time.sleep(0.01)
+    finally:
+        s.close()
+    rc = dst.wait(1)
+    obs.checks["process"] = "running" if rc is None else f"exited {rc}"
+    obs.checks["events"] = event_names(dst.events)
+    if rc is not None:
+        lines = [ln for ln in dst.log().splitlines() if ln.strip() and "warning" not in ln]
+        obs.checks["last log line"] = run.text(_strip_program(lines[-1])) if lines else None
+        return obs
+    info = dst.cmd("query-migrate")
+    obs.checks[f"query-migrate@{info.get('status', 'none')}"] = members(info)
+    obs.checks["error-desc"] = info.get("error-desc")
+    obs.checks["runstate"] = runstate(dst)
     return obs
 
 
@@ -477,7 +545,7 @@ def scenario_no_main_entry(run: Run) -> Observation:
         obs.checks["migrate"] = answer(src, "migrate", {"channels": [unix(run.path("c"), "cpr")]})
     except Exception:  # noqa: BLE001 - the monitor connection goes when QEMU dies
         obs.checks["migrate"] = "no answer"
-    rc = src.wait(5)
+    rc = src.wait(2)
     obs.checks["process"] = "alive" if rc is None else f"exited {rc}"
     return obs
 
@@ -541,6 +609,10 @@ SCENARIOS: list[Scenario] = [
     Scenario("cpr-state-defaults", "the same without -nodefaults (VGA and NIC)", scenario_cpr_state(False)),
     Scenario("cancel-and-parameters", "cancel in active and in pre-switchover, set parameters mid-migration, "
              "cancel after completion", scenario_cancel_and_parameters),
+    Scenario("downtime-limit-0", "normal pre-copy with downtime-limit 0 (QEMU's convergence rule, no timing)",
+             scenario_downtime_limit_zero),
+    Scenario("destination-failed", "a destination fed a stream with a bad magic (exit-on-error false)",
+             scenario_destination_failed),
     Scenario("blocker-ram-share-off", "memory-backend-ram share=off",
              scenario_blocker({"memory_backend": "ram", "share": False})),
     Scenario("blocker-ram-share-on", "memory-backend-ram share=on (not a blocker)",

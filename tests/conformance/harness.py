@@ -198,7 +198,7 @@ def stream_checks(obs: Observation, data: bytes) -> None:
         "pages": sl["pages"],
         "device-sections": len(devices),
         "device-bytes": sum(s["size"] for s in devices),
-        "vmdesc": sl["vmdesc"] is not None,
+        "vmdesc-bytes": next((x["size"] for x in sl["sections"] if x["kind"] == "VMDESCRIPTION"), None),
         "part-sections": sum(1 for s in sl["sections"] if s["kind"] == "PART"),
     }
 
@@ -207,6 +207,14 @@ def source_config(**kw) -> VMConfig:
     from labkit.config import GuestConfig
 
     return VMConfig(name="src", ram=RAM, guest=GuestConfig(dirty_rate=DIRTY_RATE), **kw)
+
+
+def destination_answer(obs: Observation, dst: Machine, wanted: tuple[str, ...] | None = None) -> None:
+    """The destination's query-migrate member set, keyed by its status (waiting a moment for `wanted`)."""
+    if wanted:
+        wait_status(dst, wanted, timeout=5)
+    info = dst.cmd("query-migrate")
+    obs.checks[f"destination.query-migrate@{info.get('status', 'none')}"] = members(info)
 
 
 def finish_source(obs: Observation, run: Run, src: Machine, since: int = 0) -> None:
@@ -236,13 +244,13 @@ def scenario_normal(run: Run) -> Observation:
     run.booted(src)
     src.cmd("migrate-set-parameters", PRECOPY)
     dst = run.vm(replace(source_config(), name="dst").with_incoming(f"unix:{run.path('dst-main')}"))
-    obs.checks["destination.query-migrate@before"] = members(dst.cmd("query-migrate"))
+    destination_answer(obs, dst)
     tee = run.tee("main", target=run.path("dst-main"), pause_at=PAUSE_AT)
     tee.start.set()
     since = len(src.events)
     src.cmd("migrate", {"uri": f"unix:{tee.path}"})
     tee.paused.wait(30)
-    obs.checks["destination.query-migrate@held"] = members(dst.cmd("query-migrate"))
+    destination_answer(obs, dst, ("active", *FINAL))  # held 256 bytes into the stream
     tee.resume.set()
     wait_status(src, FINAL)
     finish_source(obs, run, src, since)
@@ -267,10 +275,10 @@ def scenario_cpr_transfer(run: Run) -> Observation:
     obs.checks["source.migrate"] = answer(src, "migrate", {"channels": [unix(tee.path), cpr]})
     dst.connect()
     events_on(dst)
-    obs.checks["destination.query-migrate@before"] = members(dst.cmd("query-migrate"))
+    destination_answer(obs, dst)
     tee.start.set()  # only now may the stream reach the destination: its RESUME cannot come before we listen
     tee.paused.wait(30)
-    obs.checks["destination.query-migrate@held"] = members(dst.cmd("query-migrate"))
+    destination_answer(obs, dst, ("active", *FINAL))  # held 256 bytes into the stream
     tee.resume.set()
     wait_status(src, FINAL)
     finish_source(obs, run, src, since)
@@ -294,7 +302,7 @@ def scenario_cpr_reboot(run: Run) -> Observation:
     src.shutdown()
     dst = run.vm(replace(source_config(), name="dst").with_incoming("defer"))
     dst.cmd("migrate-set-parameters", {"mode": "cpr-reboot"})
-    obs.checks["destination.query-migrate@before"] = members(dst.cmd("query-migrate"))
+    destination_answer(obs, dst)
     dst.cmd("migrate-incoming", {"uri": f"file:{state}"})
     finish_destination(obs, run, dst)
     stream_checks(obs, Path(state).read_bytes())

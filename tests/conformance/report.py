@@ -3,6 +3,8 @@
     python -m tests.conformance.report                  # run every scenario, rewrite the generated part
     python -m tests.conformance.report --update-known   # ... and rewrite known_differences.toml to match
     python -m tests.conformance.report --scenario normal --no-doc   # one scenario, print its diff only
+    python -m tests.conformance.report --json obs.json  # ... and keep the observations;
+    python -m tests.conformance.report --from-json obs.json   # rewrite the doc from them without rerunning
 
 Run from the repository root with QEMU 10 installed. Text outside the markers is left as it is.
 """
@@ -33,6 +35,15 @@ def cell(text: str, limit: int = 400) -> str:
     return "`" + text.replace("|", "\\|").replace("`", "'") + "`"
 
 
+def delta_cells(check: str, emulated: str, qemu: str) -> tuple[str, str]:
+    """Member sets are shown as what only each side has; everything else as it is."""
+    if "query-migrate@" not in check:
+        return cell(emulated), cell(qemu)
+    e, q = set(emulated.split(", ")), set(qemu.split(", "))
+    show = lambda only: "only here: " + (", ".join(sorted(only)) or "-")  # noqa: E731
+    return cell(show(e - q)), cell(show(q - e))
+
+
 def generate(results: dict[str, dict[str, Observation]], known: list[Difference], seconds: float) -> str:
     reasons = {d.key: d.reason for d in known}
     version = ".".join(map(str, qg.qemu_version() or ()))
@@ -55,13 +66,15 @@ def generate(results: dict[str, dict[str, Observation]], known: list[Difference]
     for name, obs in results.items():
         found = diff(name, obs)
         diffs += found
-        n = len(dict.fromkeys([*obs["emulated"].checks, *obs["qemu"].checks]))
-        lines.append(f"| {name} | {BY_NAME[name].what} | {n} | {n - len(found)} | {len(found)} |")
+        e, q = obs["emulated"].checks, obs["qemu"].checks
+        same = sum(1 for k in e if k in q and render(e[k]) == render(q[k]))
+        lines.append(f"| {name} | {BY_NAME[name].what} | {same + len(found)} | {same} | {len(found)} |")
     lines += ["", "### Every remaining difference", "", "| scenario | check | labkit-vm | QEMU 10 | why |",
               "|---|---|---|---|---|"]  # fmt: skip
     for d in diffs:
         why = reasons.get(d.key, "NOT LISTED: the tests fail on this").replace("|", "\\|")
-        lines.append(f"| {d.scenario} | {d.check} | {cell(d.emulated)} | {cell(d.qemu)} | {why} |")
+        e, q = delta_cells(d.check, d.emulated, d.qemu)
+        lines.append(f"| {d.scenario} | {d.check} | {e} | {q} | {why} |")
     lines += ["", "### What matches", "", "| scenario | check | both backends |", "|---|---|---|"]
     for name, obs in results.items():
         differing = {d.check for d in diffs if d.scenario == name}
@@ -69,7 +82,7 @@ def generate(results: dict[str, dict[str, Observation]], known: list[Difference]
             if k not in differing and k in obs["qemu"].checks:
                 lines.append(f"| {name} | {k} | {cell(render(v), 200)} |")
     lines += ["", "### Main stream sizes (shown, not compared)", "",
-              "| scenario | backend | stream bytes | layout | device sections | device bytes | pages sent / zero | vmdesc |",
+              "| scenario | backend | stream bytes | layout | device sections | device bytes | pages sent / zero | vmdesc bytes |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, obs in results.items():
         for backend, o in obs.items():
@@ -78,7 +91,7 @@ def generate(results: dict[str, dict[str, Observation]], known: list[Difference]
                 lines.append(
                     f"| {name} | {backend} | {s['bytes']:,} | {s['format']} | {s['device-sections']} | "
                     f"{s['device-bytes']:,} | {s['pages']['normal']:,} / {s['pages']['zero']:,} | "
-                    f"{'yes' if s['vmdesc'] else 'no'} |"
+                    f"{format(s['vmdesc-bytes'], ',') if s.get('vmdesc-bytes') else '-'} |"
                 )
     lines += ["", END]
     return "\n".join(lines)
@@ -98,19 +111,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--update-known", action="store_true", help="rewrite known_differences.toml to match")
     p.add_argument("--no-doc", action="store_true", help="do not touch docs/conformance.md")
     p.add_argument("--json", metavar="FILE", help="also save every observation as JSON")
+    p.add_argument("--from-json", metavar="FILE", help="use observations saved by --json instead of running")
     args = p.parse_args(argv)
-    missing = qemu_missing()
+    missing = None if args.from_json else qemu_missing()
     if missing:
         print(f"conformance report: {missing}", file=sys.stderr)
         return 1
     chosen = [BY_NAME[n] for n in args.scenario] if args.scenario else SCENARIOS
     t0 = time.monotonic()
     results = {}
+    saved = json.loads(Path(args.from_json).read_text())["scenarios"] if args.from_json else None
     for s in chosen:
         t = time.monotonic()
-        results[s.name] = observe(s)
+        if saved is not None:
+            if s.name not in saved:
+                continue
+            results[s.name] = {b: Observation(o["checks"], o["info"]) for b, o in saved[s.name].items()}
+        else:
+            results[s.name] = observe(s)
         print(f"{s.name}: {len(diff(s.name, results[s.name]))} differences ({time.monotonic() - t:.1f} s)")
-    seconds = time.monotonic() - t0
+    seconds = json.loads(Path(args.from_json).read_text())["seconds"] if args.from_json else time.monotonic() - t0
     known = load_known()
     found = [d for name, obs in results.items() for d in diff(name, obs)]
     if args.update_known:
@@ -119,9 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         known = load_known()
     problems = [p for name in results for p in judge(name, diff(name, results[name]), known)]
     if args.json:
-        Path(args.json).write_text(json.dumps(
-            {n: {b: {"checks": o.checks, "info": o.info} for b, o in obs.items()} for n, obs in results.items()},
-            indent=1, default=str))  # fmt: skip
+        scenarios = {n: {b: {"checks": o.checks, "info": o.info} for b, o in obs.items()} for n, obs in results.items()}
+        Path(args.json).write_text(json.dumps({"seconds": seconds, "scenarios": scenarios}, indent=1, default=str))
     if not args.no_doc:
         if args.scenario:
             print("not writing docs/conformance.md from a partial run (use --no-doc)", file=sys.stderr)

@@ -15,6 +15,7 @@ import contextlib
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 from labkit.vm.migration.channels import unix_listen
@@ -22,7 +23,35 @@ from labkit.vm.migration.channels import unix_listen
 CHUNK = 1 << 16
 
 
+SO_ACCEPTCON = 0x10000  # the flag /proc/net/unix shows for a listening socket
+
+
+def listening(path: str) -> bool:
+    """Whether a unix socket at `path` listens. QEMU binds before it listens, so the path alone is not
+    enough (a probe connection would use up the one connection a cpr channel accepts): /proc/net/unix shows
+    the socket bound at the path without the listening flag until it listens. labkit-vm binds under a
+    temporary name and renames it into place once listening, so there the path alone is enough."""
+    if not os.path.exists(path):
+        return False
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 8 and parts[7] == path and not int(parts[3], 16) & SO_ACCEPTCON:
+                return False
+    return True
+
+
+def wait_listening(path: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not listening(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listens on {path} after {timeout} s")
+        time.sleep(0.005)
+
+
 def _connect_unix(path: str) -> socket.socket:
+    wait_listening(path)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         s.connect(path)

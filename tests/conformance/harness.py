@@ -30,7 +30,7 @@ from labkit.machine import Machine
 from labkit.qmp import QMPCommandError
 from labkit.vm.migration.cpr import CprFd, cpr_inspect, cpr_state_save
 
-from .capture import CprSink, MainTee
+from .capture import CprSink, MainTee, wait_listening
 from .sections import describe, section_list
 
 BACKENDS = ("emulated", "qemu")
@@ -267,9 +267,7 @@ def scenario_cpr_transfer(run: Run) -> Observation:
     cpr = unix(run.path("cpr"), "cpr")
     dst_cfg = replace(source_config(), name="dst").with_incoming(f"unix:{run.path('dst-main')}", cpr)
     dst = run.vm(dst_cfg, connect=False)
-    deadline = time.monotonic() + 30
-    while not os.path.exists(run.path("cpr")) and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_listening(run.path("cpr"))
     tee = run.tee("main", target=run.path("dst-main"), pause_at=PAUSE_AT)
     since = len(src.events)
     obs.checks["source.migrate"] = answer(src, "migrate", {"channels": [unix(tee.path), cpr]})
@@ -434,9 +432,7 @@ def scenario_destination_failed(run: Run) -> Observation:
     obs.checks["query-migrate@before"] = members(dst.cmd("query-migrate"))
     main = run.path("main")
     obs.checks["migrate-incoming"] = answer(dst, "migrate-incoming", {"uri": f"unix:{main}", "exit-on-error": False})
-    deadline = time.monotonic() + 10
-    while not os.path.exists(main) and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_listening(main)
     obs.checks["query-migrate@listening"] = members(dst.cmd("query-migrate"))
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -517,6 +513,7 @@ def scenario_bad_input(run: Run) -> Observation:
     file_main = {"channel-type": "main", "addr": {"transport": "file", "filename": f"{d}/f", "offset": 0}}
     cpr_inet = {"channel-type": "cpr", "addr": {**INET0, "port": "4444"}}
     cases: list[tuple[str, str, dict | None]] = [
+        ("migrate_cancel with no migration", "migrate_cancel", None),
         ("mode cpr-bogus", "migrate-set-parameters", {"mode": "cpr-bogus"}),
         ("downtime-limit 2000001", "migrate-set-parameters", {"downtime-limit": 2000001}),
         ("capability x-bogus", "migrate-set-capabilities", {"capabilities": [{"capability": "x-bogus", "state": True}]}),
@@ -531,6 +528,7 @@ def scenario_bad_input(run: Run) -> Observation:
         ("cpr-transfer: nobody listening on the cpr path", "migrate", {"channels": [unix(f"{d}/m"), unix(f"{d}/c", "cpr")]}),
         ("mode normal", "migrate-set-parameters", {"mode": "normal"}),
         ("normal: nobody listening on the main path", "migrate", {"uri": f"unix:{d}/m"}),
+        ("migrate_cancel after a failure", "migrate_cancel", None),
     ]  # fmt: skip
     for name, command, args in cases:
         since = len(src.events)
@@ -573,9 +571,7 @@ def scenario_cpr_destination(kind: str) -> Callable[[Run], Observation]:
         cpr = run.path("cpr")
         dst = run.vm(VMConfig(name="dst", ram=RAM).with_incoming(f"unix:{run.path('m')}", unix(cpr, "cpr")),
                      connect=False)  # fmt: skip
-        deadline = time.monotonic() + 30
-        while not os.path.exists(cpr) and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_listening(cpr)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         fd = os.memfd_create("small", os.MFD_CLOEXEC)
         try:

@@ -10,7 +10,7 @@ import pytest
 
 from labkit.backends.qemu import qemu_missing
 
-from .harness import SCENARIOS, observe, render
+from .harness import SCENARIOS, Observation, observe, render
 from .known import diff, judge, load_known
 from .sections import section_list
 
@@ -64,3 +64,27 @@ def test_section_list_reads_both_record_layouts():
     labkit = section_list(header + start + sec(2, 2) + runs + struct.pack(">Q", 0x10) + footer(2) + b"\x00")
     assert labkit["error"] is None and labkit["format"] == "labkit runs" and labkit["pages"]["normal"] == 2
     assert render(["a", "b"]) == "a, b" and render([]) == "(none)"
+
+
+def test_judge_names_new_changed_gone_and_unexplained_differences(tmp_path):
+    """The failure messages say which difference and what to write in the file; the file round-trips."""
+    from .known import Difference, write_known
+
+    listed = [
+        Difference("s", "changed", "a", "b", "because"),
+        Difference("s", "gone", "x", "y", "because"),
+        Difference("s", "todo", "p", "q", "TODO: say why"),
+        Difference("other", "kept", "1", "2", "elsewhere"),
+    ]
+    found = [Difference("s", "new", "e", "q"), Difference("s", "changed", "a", "c"), Difference("s", "todo", "p", "q")]
+    problems = judge("s", found, listed)
+    assert [p.split(" ", 1)[0] for p in problems] == ["NEW", "CHANGED", "difference", "GONE:"]
+    assert 'check = "new"\nemulated = "e"\nqemu = "q"' in problems[0]
+    assert 'qemu = "c"\nreason = "because"' in problems[1]  # a changed entry keeps its reason to check
+    assert "without a reason" in problems[2] and 'check = "gone"' in problems[3]
+    path = tmp_path / "known.toml"
+    write_known([*found, listed[3]], listed, path)
+    again = {d.key: d for d in load_known(path)}
+    assert again[("s", "changed")].qemu == "c" and again[("s", "changed")].reason == "because"
+    assert again[("s", "new")].reason.startswith("TODO") and again[("other", "kept")].reason == "elsewhere"
+    assert judge("s", [], []) == [] and diff("s", {"emulated": Observation({"a": [1]}), "qemu": Observation({"a": [1]})}) == []

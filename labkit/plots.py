@@ -36,7 +36,9 @@ def plot_timeline(result: Result) -> Figure:
     for r in result.timeline:
         if r.side not in rows or (r.side == "lab" and r.kind == "phase"):
             continue
-        marker = {"STOP": "v", "RESUME": "^", "MIGRATION": "o", "MIGRATION_PASS": "|"}.get(r.kind, "x")
+        marker = {"STOP": "v", "RESUME": "^", "MIGRATION": "o", "MIGRATION_PASS": "|", "checkpoint": "."}.get(
+            r.kind, "x"
+        )
         ax.plot(
             r.t_ms,
             rows[r.side],

@@ -76,18 +76,37 @@ class CprExecPhases:
         except QMPCommandError as e:
             self._failed(str(e))
             return
-        if self._migrate({"uri": f"file:{self.file_path}"}):
-            self._wait_status(("completed", "failed", "cancelled"))
-            self._wait_held(self.src, "cpr-exec")
+        if not self._migrate({"uri": f"file:{self.file_path}"}):
+            return
+        # Not _wait_status: the old program may exec (and its monitor vanish) right after `completed`.
+        self._wait_for(
+            lambda: os.path.exists(self.dst.qmp_path) or self._source_status() in ("completed", "failed"),
+            "the source to save its state",
+            self.src,
+        )
+        if self._source_status() == "failed" and not os.path.exists(self.dst.qmp_path):
+            info = self.src.cmd("query-migrate", timeout=10)
+            self._failed(info.get("error-desc") or "migration failed")
+            return
+        self._wait_held(self.src, "cpr-exec")
+
+    def _source_status(self: Lab) -> str | None:
+        """The old program's last migration status: from its MIGRATION events, else asked (None once gone)."""
+        if self.events_cap:
+            seen = [
+                ev["data"]["status"]
+                for ev in self.src.events[self._events_from :]
+                if ev.get("event") == "MIGRATION" and "status" in ev.get("data", {})
+            ]
+            return seen[-1] if seen else None
+        try:
+            return self.src.cmd("query-migrate", timeout=10).get("status")
+        except Exception:  # noqa: BLE001 - the monitor went away with the exec: no status to read
+            return None
 
     def _exec_failed(self: Lab) -> bool:
         """execvp returned in the old program: it reports `failed` after `completed` and resumes the guest."""
-        if not self.src.qmp.connected:
-            return False
-        return any(
-            ev.get("event") == "MIGRATION" and ev.get("data", {}).get("status") == "failed"
-            for ev in self.src.events[self._events_from :]
-        )
+        return self.src.qmp.connected and self._source_status() == "failed"
 
     def _exec_new_program(self: Lab) -> None:
         if self.error is not None or self.dst is None:

@@ -575,6 +575,12 @@ class MigrationState:
         self.continue_event.set()
 
     def qmp_query_migrate(self, args: dict) -> dict:
+        out = self._query_migrate(args)
+        if self.pre_exec is not None:  # cpr-exec: the old program's figures, kept across the exec (lab-only)
+            out.setdefault("x-labkit", {})["pre-exec"] = self.pre_exec
+        return out
+
+    def _query_migrate(self, args: dict) -> dict:
         if self.status == "none" and self.incoming_status != "none":
             out: dict = {
                 "status": self.incoming_status,
@@ -584,8 +590,6 @@ class MigrationState:
                 out["error-desc"] = self.incoming_error
             if self.incoming_stats:
                 out["ram"] = self.incoming_stats
-            if self.pre_exec is not None:
-                out["x-labkit"]["pre-exec"] = self.pre_exec
             return out
         # QEMU 10.0.2 answers {} before any migration, and only status and error-desc after a failure
         out = {} if self.status == "none" else {"status": self.status}

@@ -119,3 +119,14 @@ def test_check_renders_as_markdown():
     c = Check("x", True, True, "because")
     assert c._repr_markdown_().startswith("**✅ Right**") and bool(c)
     assert "Not quite" in Check("x", False, True, "no")._repr_markdown_()
+
+
+def test_cpr_exec_pause():
+    right, wrong = verdicts(
+        "cpr-exec-pause", {"pid": "same", "bigger": "start-up"}, {"pid": "different", "bigger": "the rest"}
+    )
+    assert right.ok, right.explanation
+    assert not wrong.ok and "start-up" in wrong.explanation
+    assert right.measured["pids"]["source"] == right.measured["pids"]["destination"]
+    other_seed = check("cpr-exec-pause", {"pid": "same", "bigger": "start-up"}, seed=2)
+    assert other_seed.measured is not right.measured and other_seed.measured["verified"]

@@ -232,3 +232,35 @@ def test_qemu_backend_refuses_cpr_exec_naming_the_version():
     assert out.returncode == 1 and out.stdout == ""
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "QEMU 10.2" in lines[0], out.stderr
+
+
+def test_the_new_program_still_dies_with_the_lab():
+    """PR_SET_PDEATHSIG survives execve (it is cleared only for set-user-ID programs): a VM that cpr-exec'd
+    still gets SIGKILL when the process that spawned it dies."""
+    script = (
+        "from labkit.lab import Lab\n"
+        "import time\n"
+        "lab = Lab(mode='cpr-exec', ram='32M')\n"
+        "r = lab.run()\n"
+        "print(r.pids['destination'], r.status, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        pid, status = parent.stdout.readline().split()
+        assert status == "completed"
+        vm = psutil.Process(int(pid))
+        assert vm.ppid() == parent.pid and vm.status() != psutil.STATUS_ZOMBIE
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+
+    def gone() -> bool:
+        try:
+            return vm.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(gone, "the exec'd VM to die with its parent", timeout=10)

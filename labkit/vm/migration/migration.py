@@ -375,7 +375,9 @@ class MigrationState:
         if self._closing:  # `quit` while held: the old program ends, nothing is exec'd
             cpr_exec.cpr_exec_unpersist_state()
             return
-        self.cpr_exec_cb()
+        # A bottom half, as QEMU schedules it: on the loop, after the `migrate` reply and the events queued
+        # before it have gone out (exec'ing from this thread could cut them off).
+        self.vm.loop.call_soon_threadsafe(self.cpr_exec_cb)
 
     def cpr_exec_cb(self) -> None:
         """cpr_exec_cb(): exec the new program; returns only if execvp failed, and then recovers as QEMU does."""

@@ -72,6 +72,7 @@ class Snapshot:
     bytes: dict[str, int] = field(default_factory=dict)
     fds: dict[str, list[dict]] = field(default_factory=dict)
     mappings: list[MappingRow] = field(default_factory=list)
+    pids: dict[str, int | None] = field(default_factory=dict)  # cpr-exec: one PID, two programs
 
 
 def _events_of(ops, m: Machine | None) -> list[dict]:
@@ -510,6 +511,7 @@ class Lab(CprExecPhases):
         for side, m in (("source", self.src), ("destination", self.dst)):
             if side == "source" and self.exec_done:
                 snap.states[side] = f"(exec'd into the destination, pid {m.pid})"
+                snap.pids[side] = m.pid
                 continue
             if m is not None and m.proc is None:
                 m = None  # cpr-exec: the destination's program is not exec'd yet
@@ -523,6 +525,7 @@ class Lab(CprExecPhases):
             elif m is not None:
                 state = "(exited)"
             snap.states[side] = state
+            snap.pids[side] = m.pid if m is not None else None
             if m is not None and m.alive():
                 # Python's mmap keeps a dup of each fd it maps: show one row per memfd (per inode)
                 seen: dict[int, dict] = {}

@@ -10,6 +10,7 @@ recorded (their names are read from the Results, not assumed), and draws it.
 from __future__ import annotations
 
 import os
+import textwrap
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -137,12 +138,11 @@ def cpr_exec_steps(ram: str = "64M", dirty_rate: str = "16M", seed: int = 1) -> 
         for _ in lab.phases:
             snap = lab.step()
             side = "destination" if snap.fds.get("destination") else "source"
-            m = lab.dst if side == "destination" else lab.src
             ram0 = next((x for x in snap.mappings if x.block == "ram0" and x.side == side), None)
             rows.append(
                 {
                     "phase": snap.phase,
-                    "pid": m.pid if m is not None and m.proc is not None else None,
+                    "pid": snap.pids.get(side),
                     "program": side,
                     "source state": snap.states.get("source"),
                     "destination state": snap.states.get("destination"),
@@ -278,7 +278,7 @@ def plot_pause_breakdown(segments: pd.DataFrame, summary: pd.DataFrame, note: st
     handles.append(Patch(facecolor="none", edgecolor="black", hatch="////", label="new process start-up"))
     ax.legend(handles=handles, loc="lower right", fontsize=8)
     title = "Where the pause goes, and where each mode starts its new process"
-    ax.set_title(title + (f"\n{note}" if note else ""), fontsize=10)
+    ax.set_title(title + (f"\n{textwrap.fill(note, 120)}" if note else ""), fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -196,6 +196,11 @@ def test_stepping_shows_the_state_memfd_then_the_same_pid(tmp_path):
     assert src_ram0.inode == dst_ram0.inode and src_ram0.start != dst_ram0.start
     assert r.status == "completed" and r.guest_verified
     assert r.pids["source"] == r.pids["destination"]
+    assert saved.pids["source"] == execd.pids["destination"] == execd.pids["source"] == r.pids["source"]
+    # after the load, the new program holds the same memfds as the old one, and nothing more
+    assert {f["inode"] for f in snaps[4].fds["destination"]} == {
+        f["inode"] for f in saved.fds["source"] if f["name"] != CPR_EXEC_STATE_NAME
+    }
 
 
 def test_cli_cpr_exec_1g_json():

@@ -23,7 +23,7 @@ from labkit.lab import Lab
 from labkit.machine import Machine
 from labkit.vm.memory import CPR_BLOCKER_TEXT
 from labkit.vm.migration.cpr_exec import CPR_EXEC_STATE_NAME, IGNORED_CHANNEL_TEXT, NO_COMMAND_TEXT
-from tests.helpers import unix, wait_for
+from tests.helpers import CPR_TRANSFER_SOURCE_EVENTS, unix, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,6 +178,13 @@ def test_cpr_channel_is_ignored_on_both_sides(tmp_path):
             assert dst.cmd("x-labkit-info")["pid"] == src.pid
             assert dst.cmd("x-labkit-verify")["ok"]
             assert f"labkit-vm: warning: {IGNORED_CHANNEL_TEXT}" in dst.log()
+            # QEMU 10.2's order: the old program's events as in the other CPR modes, then the new program's
+            # RESUME (it starts with the events capability off, as a fresh QEMU does)
+            pre = dst.cmd("query-migrate")["x-labkit"]["pre-exec"]
+            assert [f"{e['event']} {e.get('data', {}).get('status', '')}".strip() for e in pre["events"]] == (
+                CPR_TRANSFER_SOURCE_EVENTS
+            )
+            assert [e["event"] for e in dst.cmd("x-labkit-events")] == ["RESUME"]
             assert not (tmp_path / "cpr.sock").exists()  # nobody listened on it
 
 

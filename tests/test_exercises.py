@@ -47,6 +47,8 @@ def test_unknown_exercise_is_a_verdict_not_an_error():
         ("cpr-error-text", 3),
         ("ram0-inode", {"cpr-transfer": "maybe", "normal": "same"}),
         ("ram0-inode", "same"),
+        ("cpr-exec-pause", {"pid": "maybe", "bigger": "start-up"}),
+        ("cpr-exec-pause", "same"),
     ],
 )
 def test_malformed_answers_are_wrong_with_a_reason(name, bad):

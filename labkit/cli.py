@@ -33,7 +33,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def _migration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="emulated", choices=["emulated", "qemu"])
-    p.add_argument("--mode", default="cpr-transfer", choices=["normal", "cpr-reboot", "cpr-transfer"])
+    p.add_argument(
+        "--mode", default="cpr-transfer", choices=["normal", "cpr-reboot", "cpr-transfer", "cpr-exec"]
+    )
     p.add_argument("--ram", default="256M", type=_ram, help="guest RAM (QEMU size: 256M, 1G; default unit M)")
     p.add_argument("--memory-backend", default="memfd", choices=["memfd", "ram", "file", "epc", "none"])
     p.add_argument(
@@ -74,9 +76,13 @@ def _lab_kwargs(args: argparse.Namespace) -> dict:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from labkit.lab import migrate
+    from labkit.lab import LabError, migrate
 
-    result = migrate(**_lab_kwargs(args))
+    try:
+        result = migrate(**_lab_kwargs(args))
+    except LabError as e:
+        print(f"labkit: {e}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(result.to_dict(), indent=None, default=str))
     else:

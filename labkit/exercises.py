@@ -556,3 +556,76 @@ def check_inode(answer: Any, ram: str = "64M", seed: int = 1) -> Check:
         expected={k: v["same"] for k, v in m.items()},
         measured=m,
     )
+
+
+# -- 7. cpr-exec: the same PID, and what fills its pause ---------------------------------------------------
+def _startup_or_rest(answer: Any) -> str:
+    text = str(answer).strip().lower().replace("_", "-")
+    if text in ("start-up", "startup", "start up", "new program", "the new program's start-up"):
+        return "start-up"
+    if text in ("rest", "the rest", "everything else", "state", "saving and loading"):
+        return "the rest"
+    raise _BadAnswer(f"`{answer!r}`: write 'start-up' or 'the rest'")
+
+
+def measure_cpr_exec(ram: str = "64M", seed: int = 1) -> dict[str, Any]:
+    """One cpr-exec migration: PIDs, and the pause cut into the new program's start-up and everything else."""
+    from labkit.pause_breakdown import new_process_window
+
+    def run() -> dict[str, Any]:
+        r = migrate(mode="cpr-exec", ram=ram, dirty_rate="16M", seed=seed)
+        pause = r.pause_ms.get("events")
+        window = new_process_window(r)
+        inside = None
+        if pause is not None and window is not None:
+            inside = max(0.0, min(window[1], pause) - max(window[0], 0.0))
+        return {
+            "status": r.status,
+            "pids": dict(r.pids),
+            "pause_ms": pause,
+            "start_up_ms": None if inside is None else round(inside, 3),
+            "rest_ms": None if inside is None or pause is None else round(pause - inside, 3),
+            "verified": r.guest_verified,
+        }
+
+    return _measured(("cpr-exec", ram, seed), run)
+
+
+@_never_raises("cpr-exec-pause", "Write {'pid': 'same' or 'different', 'bigger': 'start-up' or 'the rest'}.")
+def check_cpr_exec_pause(answer: Any, ram: str = "64M", seed: int = 1) -> Check:
+    """cpr-exec: does the guest keep its PID, and is its pause mostly the new program's start-up?"""
+    if not isinstance(answer, dict) or set(answer) != {"pid", "bigger"}:
+        raise _BadAnswer("write a dict with the keys 'pid' and 'bigger'")
+    pid_same = _same_or_different(answer["pid"])
+    bigger = _startup_or_rest(answer["bigger"])
+    m = measure_cpr_exec(ram, seed)
+    if m["status"] != "completed" or m["start_up_ms"] is None:
+        return Check("cpr-exec-pause", False, True, f"The migration did not complete here: {m}", measured=m)
+    same = m["pids"]["source"] == m["pids"]["destination"]
+    measured_bigger = "start-up" if m["start_up_ms"] >= m["rest_ms"] else "the rest"
+    ok = pid_same == same and bigger == measured_bigger
+    table = _table(
+        ("", "you said", "measured"),
+        [
+            ("PID", "same" if pid_same else "different", f"{m['pids']['source']} → {m['pids']['destination']}"),
+            ("bigger part of the pause", bigger, measured_bigger),
+            ("the new program's start-up", "", _ms(m["start_up_ms"])),
+            ("everything else (stop, save, load, resume)", "", _ms(m["rest_ms"])),
+        ],
+    )
+    why = (
+        "cpr-exec replaces the program inside the same process (execvp): the PID stays, the fds that hold "
+        "guest RAM stay open, and the kernel tears down the old program's mappings. The new program only "
+        "starts *after* the guest stopped, so its whole start-up (here a Python interpreter and labkit's "
+        "imports; in QEMU, the new binary's initialisation) is part of the pause, while saving and loading "
+        "the device state is a few milliseconds. cpr-transfer starts the new process before the guest stops."
+    )
+    return Check(
+        "cpr-exec-pause",
+        ok,
+        True,
+        f"A {ram} guest, seed {seed}:\n\n{table}\n\n{why}",
+        answer={"pid": "same" if pid_same else "different", "bigger": bigger},
+        expected={"pid": "same" if same else "different", "bigger": measured_bigger},
+        measured=m,
+    )

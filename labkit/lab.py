@@ -20,11 +20,14 @@ from labkit.backends import get_backend
 from labkit.breakdown import pause_breakdown
 from labkit.config import GuestConfig, VMConfig, parse_size
 from labkit.inspect import page_frames, read_fds, read_maps
+from labkit.lab_cpr_exec import PHASES as CPR_EXEC_PHASES
+from labkit.lab_cpr_exec import CprExecPhases, qemu_cpr_exec_refusal
 from labkit.machine import Machine
 from labkit.qmp import QMPCommandError, QMPTimeout
 from labkit.results import MappingRow, Result, TimelineRow
 
 MODES = ("normal", "cpr-reboot", "cpr-transfer")
+ALL_MODES = (*MODES, "cpr-exec")  # cpr-exec (QEMU 10.2) runs on the emulated backend
 
 PHASES: dict[str, list[str]] = {
     "cpr-transfer": [
@@ -50,6 +53,7 @@ PHASES: dict[str, list[str]] = {
         "new process waiting (-incoming defer)",
         "state restored, guest running",
     ],
+    "cpr-exec": CPR_EXEC_PHASES,
 }
 
 
@@ -69,6 +73,7 @@ class Snapshot:
     bytes: dict[str, int] = field(default_factory=dict)
     fds: dict[str, list[dict]] = field(default_factory=dict)
     mappings: list[MappingRow] = field(default_factory=list)
+    pids: dict[str, int | None] = field(default_factory=dict)  # cpr-exec: one PID, two programs
 
 
 def _events_of(ops, m: Machine | None) -> list[dict]:
@@ -90,7 +95,7 @@ def _checkpoints_of(ops, m: Machine | None) -> list[dict]:
         return []
 
 
-class Lab:
+class Lab(CprExecPhases):
     """Orchestrates one migration. Use as a context manager so both processes always end."""
 
     def __init__(
@@ -113,8 +118,10 @@ class Lab:
         timeout: float = 60.0,
         prefill: bool = False,
     ):
-        if mode not in MODES:
-            raise LabError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if mode not in ALL_MODES:
+            raise LabError(f"mode must be one of {', '.join(ALL_MODES)}, not {mode!r}")
+        if mode == "cpr-exec" and backend == "qemu":
+            raise LabError(qemu_cpr_exec_refusal())
         self.backend = backend
         self.ops = get_backend(backend)
         self.mode = mode
@@ -179,6 +186,7 @@ class Lab:
                 self._start_destination_defer,
                 self._restore_from_file,
             ],
+            "cpr-exec": self._cpr_exec_actions(),
         }[mode]
         self.phases = list(PHASES[mode])
         self.index = 0
@@ -290,6 +298,8 @@ class Lab:
                 m.cmd("x-labkit-continue", {"point": point})
 
     def _src_ended(self) -> bool:
+        if self.exec_done:  # cpr-exec: the old program is gone; the destination is the same process
+            return False
         st = self.src.cmd("query-migrate", timeout=10).get("status")
         if st in ("failed", "cancelled"):
             return True
@@ -521,6 +531,12 @@ class Lab:
     def snapshot(self, phase: str) -> Snapshot:
         snap = Snapshot(phase, self.index)
         for side, m in (("source", self.src), ("destination", self.dst)):
+            if side == "source" and self.exec_done:
+                snap.states[side] = f"(exec'd into the destination, pid {m.pid})"
+                snap.pids[side] = m.pid
+                continue
+            if m is not None and m.proc is None:
+                m = None  # cpr-exec: the destination's program is not exec'd yet
             state = None
             if m is not None and m.alive() and m.qmp.connected:
                 with contextlib.suppress(QMPCommandError, QMPTimeout, ConnectionError):
@@ -531,6 +547,7 @@ class Lab:
             elif m is not None:
                 state = "(exited)"
             snap.states[side] = state
+            snap.pids[side] = m.pid if m is not None else None
             if m is not None and m.alive():
                 # Python's mmap keeps a dup of each fd it maps: show one row per memfd (per inode)
                 seen: dict[int, dict] = {}
@@ -554,7 +571,7 @@ class Lab:
             dirty_rate=cfg.guest.dirty_rate,
         )
         res.error = self.error
-        src_alive = self.src is not None and self.src.alive()
+        src_alive = self.src is not None and self.src.alive() and not self.exec_done
         info = (
             self.src.cmd("query-migrate", timeout=10)
             if src_alive and self.src.qmp.connected
@@ -578,6 +595,8 @@ class Lab:
         # ram.transferred counts the whole main stream on both backends (QEMU's migration_transferred_bytes);
         # only the emulator counts its cpr channel's bytes, and only it answers after a failure
         res.bytes = {"main": lab.get("bytes-main", ram.get("transferred", 0)), "cpr": lab.get("bytes-cpr")}
+        if self.mode == "cpr-exec":
+            res.bytes["cpr"] = None  # no cpr channel: the state went into a memfd that the exec kept open
         res.pages_per_pass = lab.get("pages-per-pass", [])
         res.throughput_mbps = ram.get("mbps")
         live_ms = (info.get("total-time") or 0) - (info.get("downtime") or 0) - (info.get("setup-time") or 0)
@@ -594,6 +613,10 @@ class Lab:
             res.pause_ms["events"] = round((resume["monotonic-ns"] - stop["monotonic-ns"]) / 1e6, 3)
         elif stop and not resume and self.dst is not None and res.status == "completed":
             res.notes.append("no RESUME seen: the destination resumed before its monitor was connected")
+        res.pids = {
+            "source": self.src.pid if self.src is not None and self.src.proc is not None else None,
+            "destination": self.dst.pid if self.dst is not None and self.dst.proc is not None else None,
+        }
         for side, evs in (("source", src_events), ("destination", dst_events)):
             for e in evs:
                 if e.get("monotonic-ns") is None:
@@ -617,10 +640,12 @@ class Lab:
             if src_alive
             else getattr(self, "src_state", "(exited)")
         )
-        dst_ok = self.dst is not None and self.dst.alive() and self.dst.qmp.connected
+        dst_ok = (
+            self.dst is not None and self.dst.proc is not None and self.dst.alive() and self.dst.qmp.connected
+        )
         if dst_ok:
             res.states["destination"] = self.dst.cmd("query-status", timeout=10)["status"]
-        elif self.dst is None:
+        elif self.dst is None or self.dst.proc is None:
             res.states["destination"] = "(not started)"
         else:
             res.states["destination"] = "(no monitor yet)" if self.dst.alive() else "(exited)"

@@ -91,6 +91,14 @@ class Machine:
                 raise
         return self
 
+    def adopt(self, other: Machine) -> Machine:
+        """Become the program `other`'s process exec'd into (cpr-exec): the same PID and log, a new monitor."""
+        self.proc = other.proc
+        self.log_path = other.log_path
+        with _live_lock:
+            _live.add(self)
+        return self
+
     def connect(self, timeout: float = 30.0) -> None:
         if not self.qmp.connected:
             self.qmp.connect(self.qmp_path, timeout, alive=self.alive)

@@ -40,7 +40,9 @@ def plot_timeline(result: Result) -> Figure:
         if r.kind == "checkpoint":  # named in the zoom below; here a small tick on the lane
             ax.plot(r.t_ms, rows[r.side], marker="|", color="tab:purple", markersize=6, alpha=0.6)
             continue
-        marker = {"STOP": "v", "RESUME": "^", "MIGRATION": "o", "MIGRATION_PASS": "|"}.get(r.kind, "x")
+        marker = {"STOP": "v", "RESUME": "^", "MIGRATION": "o", "MIGRATION_PASS": "|", "checkpoint": "."}.get(
+            r.kind, "x"
+        )
         ax.plot(
             r.t_ms,
             rows[r.side],

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from qemu.qmp import ConnectError, ExecuteError, QMPClient
+from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, StateError
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -116,6 +116,9 @@ class QMP:
             return self._run(self._client.execute(command, arguments or None), timeout)
         except ExecuteError as e:
             raise QMPCommandError(command, e.error_class, str(e)) from None
+        except (ExecInterruptedError, StateError) as e:
+            # the monitor went away under the command (the VM quit, died, or exec'd a new program)
+            raise ConnectionError(f"QMP: {command}: the monitor disconnected ({e})") from None
 
     def wait_event(
         self,

@@ -64,6 +64,7 @@ class Result:
     first_pass_bytes_per_s: float | None = None  # pre-copy pass 1: every page, as fast as the link allows
     precopy_bytes_per_s: float | None = None  # bytes sent while the guest ran / time it ran (both backends)
     guest_verified: bool | None = None
+    pids: dict[str, int | None] = field(default_factory=lambda: {"source": None, "destination": None})
     verify: dict[str, Any] = field(default_factory=dict)
     states: dict[str, str] = field(default_factory=dict)
     mappings: list[MappingRow] = field(default_factory=list)

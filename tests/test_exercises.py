@@ -47,6 +47,8 @@ def test_unknown_exercise_is_a_verdict_not_an_error():
         ("cpr-error-text", 3),
         ("ram0-inode", {"cpr-transfer": "maybe", "normal": "same"}),
         ("ram0-inode", "same"),
+        ("cpr-exec-pause", {"pid": "maybe", "bigger": "start-up"}),
+        ("cpr-exec-pause", "same"),
     ],
 )
 def test_malformed_answers_are_wrong_with_a_reason(name, bad):
@@ -119,3 +121,14 @@ def test_check_renders_as_markdown():
     c = Check("x", True, True, "because")
     assert c._repr_markdown_().startswith("**✅ Right**") and bool(c)
     assert "Not quite" in Check("x", False, True, "no")._repr_markdown_()
+
+
+def test_cpr_exec_pause():
+    right, wrong = verdicts(
+        "cpr-exec-pause", {"pid": "same", "bigger": "start-up"}, {"pid": "different", "bigger": "the rest"}
+    )
+    assert right.ok, right.explanation
+    assert not wrong.ok and "start-up" in wrong.explanation
+    assert right.measured["pids"]["source"] == right.measured["pids"]["destination"]
+    other_seed = check("cpr-exec-pause", {"pid": "same", "bigger": "start-up"}, seed=2)
+    assert other_seed.measured is not right.measured and other_seed.measured["verified"]

@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 from labkit.vm.memory import MemoryError_, ram_blocks_create
 from labkit.vm.migration.channels import parse_incoming_option
 from labkit.vm.migration.cpr import CprError, cpr_state_load, cpr_transfer_input
+from labkit.vm.migration.cpr_exec import IGNORED_CHANNEL_TEXT, cpr_exec_has_state, cpr_exec_state_load
 from labkit.vm.options import PROG, OptionError, parse_args
 from labkit.vm.vm import VM
 
@@ -57,8 +59,16 @@ def qemu_init(argv: list[str]) -> VM | int:
         opts = parse_args(argv)
     except OptionError as e:
         return _error(str(e))
-    cpr_sock, cpr_fds = None, {}
-    if opts.incoming.get("cpr"):
+    cpr_sock, cpr_fds, cpr_exec_state = None, {}, None
+    if cpr_exec_has_state():  # exec'd by a cpr-exec migration: the state is in a memfd, not on a channel
+        try:
+            cpr_exec_state = cpr_exec_state_load()
+        except CprError as e:
+            return _error(f"cpr_state_load: {e}")
+        cpr_fds = dict(cpr_exec_state.fds)
+        if opts.incoming.get("cpr"):
+            print(f"{PROG}: warning: {IGNORED_CHANNEL_TEXT}", file=sys.stderr, flush=True)
+    elif opts.incoming.get("cpr"):
         hold = "cpr-load" in opts.holds
         if hold:
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # before listening: none can be lost
@@ -75,11 +85,16 @@ def qemu_init(argv: list[str]) -> VM | int:
     try:
         ram = ram_blocks_create(opts, cpr_fds)
     except (MemoryError_, OSError, ValueError) as e:
-        if cpr_sock:
-            cpr_sock.close()
+        for held in (cpr_sock, cpr_exec_state):
+            if held is not None:
+                held.close()
         return _error(str(e))
+    if cpr_exec_state is not None:
+        cpr_exec_state.t_mapped_ns = time.monotonic_ns()
     incoming = "main" in opts.incoming
     vm = VM(opts, ram, incoming=incoming)
     if cpr_sock is not None:
         vm.migration.incoming_cpr(cpr_sock)
+    if cpr_exec_state is not None:
+        vm.migration.incoming_cpr_exec(cpr_exec_state)
     return vm

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING
 from labkit.vm import runstate as rs
 from labkit.vm.devices import DeviceError
 from labkit.vm.memory import PAGE_SIZE, populate
+from labkit.vm.migration import cpr_exec
 from labkit.vm.migration.channels import (
     MigrationChannel,
     migration_connect,
@@ -68,7 +71,7 @@ if TYPE_CHECKING:
     from labkit.vm.monitor import Monitor
     from labkit.vm.vm import VM
 
-MIG_MODES = ("normal", "cpr-reboot", "cpr-transfer")
+MIG_MODES = ("normal", "cpr-reboot", "cpr-transfer", "cpr-exec")
 DEFAULT_DOWNTIME_LIMIT = 300  # ms (DEFAULT_MIGRATE_SET_DOWNTIME)
 MAX_MIGRATE_DOWNTIME = 2000 * 1000  # ms
 MAX_THROTTLE = 128 << 20  # bytes/s, QEMU's default max-bandwidth
@@ -92,6 +95,7 @@ HOLD_POINTS = {
     "switchover": "source: pre-copy converged; the guest is about to stop for stop-and-copy",
     "main-connected": "source: main channel connected (CPR modes: guest stopped); nothing sent on it yet",
     "loaded": "destination: the whole stream is loaded; the guest is about to resume",
+    "cpr-exec": "source: device state saved, migration completed; the old program is about to exec the new one",
 }
 CPR_INCOMPATIBLE = {
     "postcopy-ram": "postcopy",
@@ -143,6 +147,7 @@ class MigrationState:
             "mode": "normal",
             "downtime-limit": DEFAULT_DOWNTIME_LIMIT,
             "max-bandwidth": MAX_THROTTLE,
+            "cpr-exec-command": [],  # QEMU 10.2: the new program and its arguments, for mode cpr-exec
         }
         self.caps = dict.fromkeys(CAPABILITIES, False)
         self.exit_status = 0
@@ -152,7 +157,7 @@ class MigrationState:
         self.incoming_mode: str | None = (
             None  # "cpr-transfer" once CPR state was loaded (cpr_set_incoming_mode)
         )
-        self.cpr_in: socket.socket | None = None
+        self.cpr_in: socket.socket | cpr_exec.CprExecState | None = None
         self.incoming_status = "none"
         self.incoming_started = False
         self.incoming_error: str | None = None
@@ -163,6 +168,8 @@ class MigrationState:
         self._incoming_conn: socket.socket | None = None  # shut down on quit so a blocked load wakes up
         self._threads: list[threading.Thread] = []
         self.checkpoints: list[tuple[str, int]] = []
+        self.pre_exec: dict | None = None  # cpr-exec: the old program's record, reported by the new one
+        self.cpr_exec_state_bytes = 0
         self.holds: set[str] = set(vm.opts.holds)
         self.held_at: str | None = None
         self._hold_cv = threading.Condition()
@@ -191,9 +198,17 @@ class MigrationState:
         m.register(
             "migrate-set-parameters",
             self.qmp_set_parameters,
-            {"*mode": MIG_MODES, "*downtime-limit": "uint64", "*max-bandwidth": "size"},
+            {
+                "*mode": MIG_MODES,
+                "*downtime-limit": "uint64",
+                "*max-bandwidth": "size",
+                "*cpr-exec-command": "list",
+            },
         )
-        m.register("query-migrate-parameters", lambda a: dict(self.params))
+        m.register(
+            "query-migrate-parameters",
+            lambda a: {**self.params, "cpr-exec-command": list(self.params["cpr-exec-command"])},
+        )
         m.register("migrate-set-capabilities", self.qmp_set_capabilities, {"capabilities": "list"})
         m.register(
             "query-migrate-capabilities",
@@ -259,6 +274,9 @@ class MigrationState:
             raise QMPError(
                 "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms"
             )
+        for i, word in enumerate(args.get("cpr-exec-command", [])):
+            if not isinstance(word, str):
+                raise QMPError(f"Invalid parameter type for 'cpr-exec-command[{i}]', expected: string")
         self.params.update(args)
         if "max-bandwidth" in args and self._limiter is not None and self.status in ("setup", "active"):
             self._limiter.max_bandwidth = args["max-bandwidth"]  # stop-and-copy stays unlimited
@@ -298,8 +316,8 @@ class MigrationState:
 
     def _blockers(self) -> list[str]:
         """migration_blockers[mode]: CPR needs every block shared and backed by an fd."""
-        if self.mode() != "cpr-transfer":
-            return []
+        if self.mode() not in ("cpr-transfer", "cpr-exec"):
+            return []  # labkit also blocks cpr-exec, where QEMU 10.2 registers these for cpr-transfer only
         return self.vm.ram.cpr_blockers()
 
     # -- source: start -----------------------------------------------------------------------------------
@@ -324,11 +342,16 @@ class MigrationState:
         if mode == "cpr-transfer" and cpr is None:
             raise QMPError("missing 'cpr' migration channel")
         self._migrate_prepare()
+        if mode == "cpr-exec" and not self.params["cpr-exec-command"]:
+            raise QMPError(cpr_exec.NO_COMMAND_TEXT)
         self._reset_outgoing()
         self.expected_downtime = self.params["downtime-limit"]  # migrate_init()'s first estimate
         self.main_channel = main
         self.t_start = time.monotonic()
         self._set_status("setup")
+        if mode == "cpr-exec":  # cpr_state_save(): no channel; the state goes into a memfd (the cpr one, if
+            self.cpr_exec_state_save()  # given, is ignored, as QEMU 10.2 ignores it)
+            return None
         if mode == "cpr-transfer":
             try:
                 self.cpr_state_save(cpr)
@@ -382,9 +405,65 @@ class MigrationState:
             self.cpr_out = None
 
     def qmp_migrate_finish(self) -> None:
-        t = threading.Thread(target=self.migration_thread, name="live_migration", daemon=True)
+        target = self.cpr_exec_migration_thread if self.mode() == "cpr-exec" else self.migration_thread
+        t = threading.Thread(target=target, name="live_migration", daemon=True)
         self._threads.append(t)
         t.start()
+
+    # -- source: cpr-exec (QEMU 10.2, migration/cpr-exec.c; the work is in cpr_exec.py) ----------------------
+    def cpr_exec_state_save(self) -> None:
+        """cpr_state_save() for cpr-exec: the RAM fds' names and numbers into the QEMU_CPR_EXEC_STATE memfd."""
+        fds = [CprFd(name, 0, fd) for name, fd in reversed(self.vm.ram.cpr_fds())]
+        _, self.cpr_exec_state_bytes = cpr_exec.cpr_exec_state_save(fds)
+        self.qmp_migrate_finish()
+
+    def cpr_exec_migration_thread(self) -> None:
+        """The migration, then the notifiers: PRECOPY_DONE exec's the new program, PRECOPY_FAILED drops the state."""
+        self.migration_thread()
+        if self.status != "completed":
+            cpr_exec.cpr_exec_unpersist_state()
+            return
+        self.hold("cpr-exec")
+        if self._closing:  # `quit` while held: the old program ends, nothing is exec'd
+            cpr_exec.cpr_exec_unpersist_state()
+            return
+        # A bottom half, as QEMU schedules it: on the loop, after the `migrate` reply and the events queued
+        # before it have gone out (exec'ing from this thread could cut them off).
+        self.vm.loop.call_soon_threadsafe(self.cpr_exec_cb)
+
+    def cpr_exec_cb(self) -> None:
+        """cpr_exec_cb(): exec the new program; returns only if execvp failed, and then recovers as QEMU does."""
+        self.checkpoint("cpr-exec")
+        t0 = int(self.t_start * 1e9) if self.t_start else 0
+        pre_exec = {
+            "pid": os.getpid(),
+            "runstate": self.vm.runstate.state,
+            "query-migrate": self.qmp_query_migrate({}),
+            "x-labkit-query-migrate": self.qmp_labkit_query_migrate({}),
+            "events": [e for e in self.vm.events if e.get("monotonic-ns", 0) >= t0 - 1_000_000][-500:],
+            "cpr-exec-state-bytes": self.cpr_exec_state_bytes,
+        }
+        fds = [fd for _, fd in self.vm.ram.cpr_fds()]
+        error = cpr_exec.cpr_exec(list(self.params["cpr-exec-command"]), fds, pre_exec)
+        print(f"labkit-vm: {error}", file=sys.stderr, flush=True)  # error_report_err()
+        self.error_desc = error
+        self._set_status("failed")  # "we can go from state COMPLETED to FAILED"
+        cpr_exec.cpr_exec_unpersist_state()
+        if self.vm_was_running:
+            self.vm.vm_start()
+
+    def incoming_cpr_exec(self, state: cpr_exec.CprExecState) -> None:
+        """The new program found CPR state left by cpr-exec: RAM is adopted; keep the memfd until incoming."""
+        from labkit.vm import T_ENTERED_NS
+
+        self.cpr_in = state  # closed by cpr_state_close() when the incoming migration starts, as the socket is
+        self.incoming_mode = "cpr-exec"
+        self.pre_exec = state.pre_exec
+        self.checkpoints += [
+            ("dst-exec-entered", T_ENTERED_NS),
+            ("dst-cpr-state-loaded", state.t_loaded_ns),
+            ("dst-ram-mapped", state.t_mapped_ns),
+        ]
 
     # -- source: the migration thread ---------------------------------------------------------------------
     def migration_thread(self) -> None:
@@ -655,6 +734,8 @@ class MigrationState:
             }
         if self.incoming_status != "none":
             out["destination"] = {"status": self.incoming_status, "ram": dict(self.incoming_stats)}
+        if self.pre_exec is not None:  # cpr-exec: the old program's record, kept across the exec
+            out["pre-exec"] = self.pre_exec
         return out
 
     # -- destination --------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ class MigrationCancelled(Exception):
 
 
 def migrate_ram_is_ignored(block: RAMBlock, mode: str, ignore_shared: bool) -> bool:
-    """migrate_ram_is_ignored(): every block in cpr-transfer; shared named files with x-ignore-shared."""
-    return mode == "cpr-transfer" or (ignore_shared and block.shared and block.named_file)
+    """migrate_ram_is_ignored(): every block in cpr-transfer and cpr-exec; shared named files with x-ignore-shared."""
+    return mode in ("cpr-transfer", "cpr-exec") or (ignore_shared and block.shared and block.named_file)
 
 
 @dataclass

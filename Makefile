@@ -1,21 +1,55 @@
 # One definition of the test command: README and .ci/run both call `make test`.
+#
+# Without an active venv, everything goes into the project venv .venv/ (created on first use, reused after):
+# Debian's and Ubuntu's own python3 refuse `pip install` outside a venv (PEP 668, "externally managed").
 PYTHON ?= python3
+VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: install install-test test lint demo
+IN_VENV := $(shell $(PYTHON) -c 'import sys; print(int(sys.prefix != sys.base_prefix))' 2>/dev/null)
+ifeq ($(IN_VENV),1)
+PY := $(PYTHON)
+PY_DEP :=
+BIN :=
+else
+PY := $(VENV)/bin/python
+PY_DEP := $(VENV)/bin/python
+BIN := $(VENV)/bin/
+endif
 
-install:
-	$(PYTHON) -m pip install -q -e .
+.PHONY: install install-test test lint demo venv
 
-install-test:
-	$(PYTHON) -m pip install -q -e '.[test]'
+$(VENV)/bin/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "labkit needs Python >= 3.11; $(PYTHON) is $$($(PYTHON) -V 2>&1)" >&2; exit 1; }
+	@$(PYTHON) -m venv $(VENV) >/dev/null 2>&1 || { rm -rf $(VENV); \
+	  echo "make: '$(PYTHON) -m venv' failed; on Debian/Ubuntu run: sudo apt-get install python3-venv" >&2; exit 1; }
+	@echo "created the project venv $(VENV)/ (activate it with: . $(VENV)/bin/activate)"
+
+venv: $(PY_DEP)
+
+# pip runs again only when pyproject.toml changes (or the venv is new)
+$(VENV)/.labkit-installed-test: pyproject.toml | $(PY_DEP)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+install: | $(PY_DEP)
+	$(PY) -m pip install -q --disable-pip-version-check -e .
+
+install-test: | $(PY_DEP)
+ifeq ($(IN_VENV),1)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+else
+	@$(MAKE) --no-print-directory $(VENV)/.labkit-installed-test
+endif
 
 lint: install-test
-	$(PYTHON) -m ruff check labkit tests scripts
+	$(PY) -m ruff check labkit tests scripts
 
 # the whole suite: unit, integration (real processes), notebooks, real QEMU where installed
 test: install-test lint
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
-demo: install
-	labkit demo
+# install, then migrate one guest with all three modes; figures and results.csv in labkit-demo/
+demo: install-test
+	$(BIN)labkit demo

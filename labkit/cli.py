@@ -1,12 +1,25 @@
-"""`labkit`: doctor | migrate | demo | vm | cpr-inspect | stream-inspect."""
+"""`labkit`: doctor | migrate | demo | bench | cpr-inspect | stream-inspect | vm | lab.
+
+Every failure a user can cause ends in one line on stderr and exit status 1, never a traceback
+(LABKIT_DEBUG=1 shows the traceback of an unexpected one).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 
 from labkit.config import SizeError, parse_size
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the usage is one `--help` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _size(text: str) -> int:
@@ -21,6 +34,16 @@ def _ram(text: str) -> int:
         return parse_size(text, "m")
     except SizeError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -86,12 +109,29 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=None, default=str))
     else:
-        print(result.summary())
+        print(result.summary(include_error=False))
     if result.status != "completed":
         if not args.json:
-            print(f"labkit: migration {result.status}: {result.error}", file=sys.stderr)
+            print(
+                f"labkit: migration {result.status}: {result.error}{_flag_hint(args, result.error)}",
+                file=sys.stderr,
+            )
         return 1
     return 0
+
+
+def _flag_hint(args: argparse.Namespace, error: str | None) -> str:
+    """After QEMU's refusal, the labkit flag that fixes it (QEMU names its own properties, not ours)."""
+    if not error or "share=on is required" not in error:
+        return ""
+    fixes = []
+    if args.memory_backend in ("ram", "epc", "none"):
+        fixes.append("--memory-backend memfd")
+    elif args.share == "off":
+        fixes.append("--share on")
+    if args.aux_ram_share == "off":
+        fixes.append("--aux-ram-share on")
+    return f" (labkit: use {' '.join(fixes)})" if fixes else ""
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -198,8 +238,15 @@ def cmd_vm(args: argparse.Namespace) -> int:
     return vm_main(args.vm_args)
 
 
+def cmd_lab(args: argparse.Namespace) -> int:
+    from labkit.jupyter import run_jupyter_lab
+
+    return run_jupyter_lab(args.notebooks, port=args.port, browser=args.browser, extra=args.jupyter_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="labkit", description=__doc__)
+    p = _Parser(prog="labkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"labkit {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("doctor", help="what this machine offers the lab")
     d.add_argument("--json", action="store_true")
@@ -219,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--mode", action="append", choices=["normal", "cpr-reboot", "cpr-transfer"])
     b.add_argument("--ram", action="append", type=_ram, help="repeatable RAM sizes")
     b.add_argument("--dirty-rate", action="append", type=_size, help="repeatable dirty rates")
-    b.add_argument("--reps", type=int, default=None, help="repetitions per cell")
+    b.add_argument("--reps", type=_positive_int, default=None, help="repetitions per cell (at least 1)")
     b.add_argument("--csv", default=None, help="write the per-cell summary here (e.g. data/bench.csv)")
     b.add_argument(
         "--json", action="store_true", help="print one JSON object with every figure and the ratios"
@@ -233,17 +280,75 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("path")
     si.add_argument("--json", action="store_true")
     si.set_defaults(func=cmd_stream_inspect)
-    v = sub.add_parser("vm", help="run one emulated VM (same as labkit-vm)")
+    v = sub.add_parser("vm", help="run one emulated VM (same as labkit-vm; labkit vm --help for its options)")
     v.add_argument("vm_args", nargs=argparse.REMAINDER)
     v.set_defaults(func=cmd_vm)
+    lab = sub.add_parser("lab", help="start JupyterLab on the notebooks and print its URL")
+    lab.add_argument("--notebooks", default=None, help="folder to open (default: the kit's notebooks/)")
+    lab.add_argument("--port", type=int, default=8888)
+    lab.add_argument("--browser", action="store_true", help="also open a web browser")
+    lab.add_argument("jupyter_args", nargs=argparse.REMAINDER, help="passed on to jupyter lab")
+    lab.set_defaults(func=cmd_lab)
     return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("labkit")
+    except PackageNotFoundError:
+        from labkit import __version__
+
+        return __version__
+
+
+# Options whose value may start with '-' (a negative size or number is refused by the option's own check,
+# with its own message, rather than read by argparse as a missing value).
+_VALUE_OPTIONS = {"--ram", "--dirty-rate", "--working-set", "--max-bandwidth", "--downtime-limit", "--reps",
+                  "--seed", "--timeout"}  # fmt: skip
+_NEGATIVE = re.compile(r"^-[0-9.]")
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in _VALUE_OPTIONS and _NEGATIVE.match(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    first = text.splitlines()[0]
+    return first if isinstance(e, (ValueError, ConnectionError, OSError)) else f"{type(e).__name__}: {first}"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not argv:
+        parser.print_help()
+        return 0
+    if argv[0] in ("--version", "-V"):
+        print(f"labkit {_version()}")
+        return 0
+    if argv[0] == "vm":  # everything after `vm` is labkit-vm's, QEMU-style options included
+        return cmd_vm(argparse.Namespace(vm_args=argv[1:]))
+    args = parser.parse_args(_join_negative_values(argv))
     args.argv = argv
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("labkit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line, exit 1 (LABKIT_DEBUG=1 for the traceback)
+        if os.environ.get("LABKIT_DEBUG"):
+            raise
+        print(f"labkit: {args.command}: {_one_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

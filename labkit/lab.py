@@ -22,6 +22,7 @@ from labkit.config import GuestConfig, VMConfig, parse_size
 from labkit.inspect import page_frames, read_fds, read_maps
 from labkit.lab_cpr_exec import PHASES as CPR_EXEC_PHASES
 from labkit.lab_cpr_exec import CprExecPhases, qemu_cpr_exec_refusal
+from labkit.limits import LimitError, check_request, convergence_hint
 from labkit.machine import Machine
 from labkit.qmp import QMPCommandError, QMPTimeout
 from labkit.results import MappingRow, Result, TimelineRow
@@ -57,8 +58,8 @@ PHASES: dict[str, list[str]] = {
 }
 
 
-class LabError(Exception):
-    pass
+class LabError(ValueError):
+    """A request the lab refuses before or while running it; its text is one line for the user."""
 
 
 @dataclass
@@ -122,6 +123,14 @@ class Lab(CprExecPhases):
             raise LabError(f"mode must be one of {', '.join(ALL_MODES)}, not {mode!r}")
         if mode == "cpr-exec" and backend == "qemu":
             raise LabError(qemu_cpr_exec_refusal())
+        try:  # before anything is spawned: a request this host cannot honour gets one line, not an OOM kill
+            ram = check_request(
+                backend=backend, mode=mode, ram=ram, memory_backend=memory_backend, share=share,
+                pattern=pattern, dirty_rate=dirty_rate, working_set=working_set,
+                downtime_limit=downtime_limit, max_bandwidth=max_bandwidth, timeout=timeout,
+            )  # fmt: skip
+        except LimitError as e:
+            raise LabError(str(e)) from None
         self.backend = backend
         self.ops = get_backend(backend)
         self.mode = mode
@@ -447,6 +456,9 @@ class Lab(CprExecPhases):
     # -- waiting -----------------------------------------------------------------------------------------
     def _failed(self, message: str) -> None:
         if self.error is None:
+            hint = convergence_hint(self.config.guest.dirty_rate, self.max_bandwidth)
+            if hint and self.mode == "normal" and message.startswith("timed out"):
+                message = f"{message}: {hint}"
             self.error = message
             self.mark("lab", "error", message)
 

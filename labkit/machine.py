@@ -50,6 +50,10 @@ def backend_argv(config: VMConfig, backend: str, qmp_path: str) -> list[str]:
     return get_backend(backend).argv(config, qmp_path)
 
 
+class VMStartError(ConnectionError):
+    """The VM process exited before its monitor opened; the message carries the VM's own error line."""
+
+
 class Machine:
     """A launched VM. Use as a context manager, or call shutdown()."""
 
@@ -86,6 +90,12 @@ class Machine:
         if connect:
             try:
                 self.connect(timeout)
+            except ConnectionError as e:
+                reason = self.exit_reason()
+                self.kill()
+                if reason:
+                    raise VMStartError(f"the {self.config.name} VM exited: {reason}") from e
+                raise
             except BaseException:
                 self.kill()
                 raise
@@ -98,6 +108,13 @@ class Machine:
         with _live_lock:
             _live.add(self)
         return self
+
+    def exit_reason(self) -> str | None:
+        """The VM's own last word (QEMU's or labkit-vm's one-line error) when it has exited, else None."""
+        if self.proc is None or self.wait(2) is None:
+            return None
+        lines = [ln.strip() for ln in self.log().splitlines() if ln.strip()]
+        return lines[-1] if lines else f"exit status {self.proc.returncode}"
 
     def connect(self, timeout: float = 30.0) -> None:
         if not self.qmp.connected:

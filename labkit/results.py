@@ -136,8 +136,8 @@ class Result:
 
         return pd.DataFrame([asdict(r) for r in self.mappings])
 
-    def summary(self) -> str:
-        """A few readable lines for the terminal."""
+    def summary(self, include_error: bool = True) -> str:
+        """A few readable lines for the terminal (the CLI prints the error once, on stderr, instead)."""
         from labkit.config import human_size
 
         p = self.pause_ms
@@ -148,7 +148,7 @@ class Result:
         lines = [
             f"{self.mode} migration ({self.backend}, {human_size(self.ram_bytes)} guest RAM): {self.status}",
         ]
-        if self.error:
+        if self.error and include_error:
             lines.append(f"  error: {self.error}")
         lines += [
             f"  pause: reported {ms(p.get('reported'))}, STOP->RESUME {ms(p.get('events'))}, "
@@ -166,7 +166,8 @@ class Result:
                 lines.append(f"    {b.side:11s} {b.checkpoint:36s} {b.t_ms:9.3f} {since:>9s}")
         for m in self.mappings:
             if m.block in ("ram0", "pc.ram") or m.block == self.notes_block():
-                lines.append(f"  {m.side:11s} {m.block}: {m.start:#x}-{m.end:#x} inode {m.inode} {m.path}")
+                where = f"inode {m.inode} {m.path}" if m.inode else (m.path or "anonymous memory (no fd to pass)")
+                lines.append(f"  {m.side:11s} {m.block}: {m.start:#x}-{m.end:#x} {where}")
         return "\n".join(lines)
 
     def notes_block(self) -> str:

@@ -241,7 +241,9 @@ class QemuOps:
     def guest_ram(self, m: Machine) -> GuestRamAccess:
         """How to read the main RAM block of `m` from the host."""
         cfg, pid = m.config, m.pid
-        if cfg.memory_backend == "memfd":
+        # share=off maps the memfd privately: the guest's writes land in private copies the memfd never shows,
+        # so the boot check would wait for a heartbeat forever; read those like private RAM, via /proc/PID/mem
+        if cfg.memory_backend == "memfd" and cfg.share is not False:
             path = qg.find_ram_memfd(pid, "memory-backend-memfd", size=cfg.ram)
             return GuestRamAccess(path, 0, cfg.ram, True)
         if cfg.memory_backend == "file" and cfg.share and cfg.mem_path:

@@ -24,7 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-GUEST_DIR = Path(__file__).resolve().parents[2] / "guest"
+# package data in an installed wheel (labkit/guest), the top-level guest/ in a clone
+GUEST_DIR = next(
+    (d for d in (Path(__file__).resolve().parents[1] / "guest", Path(__file__).resolve().parents[2] / "guest")
+     if (d / "guest.c").is_file()),
+    Path(__file__).resolve().parents[1] / "guest",
+)  # fmt: skip
 GUEST_SOURCES = ("boot.S", "guest.c", "layout.h", "link.ld")
 
 # Compiled as x86-64 (boot.S switches to long mode), linked as ELF64, then converted to ELF32, which is

@@ -67,6 +67,7 @@ MAX_TOKEN_COUNT = 2 << 20  # json-streamer.c
 MAX_NESTING = 1 << 10  # json-streamer.c
 EVENT_BUFFER_LIMIT = 4 << 20  # unsent bytes allowed to a client before it is dropped
 WRITE_HIGH_WATER = 256 << 10  # replies wait (and reading stops) above this many unsent bytes
+STALL_GRACE = 1.0  # seconds a client gets to read replies past the high-water mark before input is read on
 LISTEN_BACKLOG = 16
 INT64_MIN, INT64_MAX, UINT64_MAX = -(1 << 63), (1 << 63) - 1, (1 << 64) - 1
 
@@ -737,7 +738,8 @@ class _QMPSession(asyncio.Protocol):
     """MonitorQMP for one connection: greeting, the negotiation state and the request queue.
 
     Like QEMU without OOB, requests are handled strictly one after the other, and input is not
-    read while requests are queued or while the client is not reading our replies.
+    read while requests are queued. Like QEMU, input is read on while the client is slow to read our
+    replies (a client that lets EVENT_BUFFER_LIMIT of them pile up is dropped instead).
     """
 
     def __init__(self, monitor: Monitor):
@@ -750,6 +752,7 @@ class _QMPSession(asyncio.Protocol):
         self.lost = False
         self.eof = False
         self.reading_paused = False
+        self.stalled = False  # replies above the high-water mark for STALL_GRACE: the client is not reading
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._wakeup = asyncio.Event()
         self._can_write = asyncio.Event()
@@ -789,6 +792,7 @@ class _QMPSession(asyncio.Protocol):
         self._can_write.clear()
 
     def resume_writing(self) -> None:
+        self.stalled = False
         self._can_write.set()
 
     # ----------------------------------------------------------------------------------------
@@ -810,6 +814,23 @@ class _QMPSession(asyncio.Protocol):
             return
         self.transport.write(data)
 
+    async def _client_stopped_reading(self) -> bool:
+        """Replies are past the high-water mark. A client that reads gets STALL_GRACE to catch up (input
+        waits meanwhile). One that does not: QEMU 10 keeps reading it however far behind it falls (its
+        output buffer grows without bound); this monitor keeps reading too, so the sender never blocks, and
+        drops the client once EVENT_BUFFER_LIMIT of answers are unread, as for events. True when dropped."""
+        if not self.stalled:
+            try:
+                await asyncio.wait_for(self._can_write.wait(), STALL_GRACE)
+                return False
+            except TimeoutError:
+                self.stalled = True  # until resume_writing(): the client drained what it had
+        if self.transport.get_write_buffer_size() <= EVENT_BUFFER_LIMIT:
+            return False
+        log.warning("QMP client is not reading its replies; disconnecting it")
+        self.transport.abort()
+        return True
+
     async def _dispatcher_co(self) -> None:
         """monitor_qmp_dispatcher_co(): answer queued requests in order."""
         while not self.lost:
@@ -820,8 +841,8 @@ class _QMPSession(asyncio.Protocol):
                 else:
                     rsp = await self.monitor._qmp_dispatch(self, obj)
                 self.send(rsp)
-                if not self._can_write.is_set():
-                    await self._can_write.wait()
+                if not self._can_write.is_set() and await self._client_stopped_reading():
+                    return
                 continue
             if self.eof:
                 self.transport.close()

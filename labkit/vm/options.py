@@ -13,10 +13,51 @@ from dataclasses import dataclass, field
 from labkit.config import GUEST_PATTERNS, MEMORY_BACKENDS, GuestConfig, SizeError, parse_size
 
 PROG = "labkit-vm"
+MIN_RAM_SIZE = 1 << 20  # the guest's header page, its generation table and its data pages need at least this
+
+USAGE = """\
+usage: labkit-vm [options]   (also: python -m labkit.vm, labkit vm)
+
+One emulated VM in its own process, started with the subset of qemu-system-x86_64's options the lab uses.
+Each option takes QEMU's syntax; bad input is refused with QEMU's text where QEMU has one.
+
+QEMU's options:
+  -m SIZE                        guest RAM (QEMU size syntax, default unit M; at least 1M)
+  -machine q35[,aux-ram-share=on|off][,memory-backend=ID]
+  -object memory-backend-{memfd,ram,file,epc},id=ID,size=SIZE[,share=on|off][,mem-path=PATH]
+  -qmp unix:PATH,server=on,wait=off    the QMP monitor (drive it with qmp-shell PATH; `quit` stops the VM)
+  -incoming URI | defer | '{"channel-type": "cpr", ...}'   wait for a migration
+  -S                             stay paused until `cont`
+  -name NAME   -serial file:PATH|stdio|none   -nodefaults   -accel tcg
+  (-display, -kernel, -append, -cpu, -chardev, -mon, -no-reboot, -no-shutdown: accepted, inert)
+Refused, because the emulator has no such hardware: -enable-kvm, -accel kvm, -smp N with N > 1.
+
+Lab-only options:
+  -x-guest dirty-rate=SIZE,pattern=sequential|random|hotset,working-set=SIZE,seed=N,prefill=on
+  -x-hold POINT,...              hold migration at cpr-load, cpr-hup, switchover, main-connected, loaded
+                                 (continue with the QMP command x-labkit-continue)
+
+Example:
+  labkit-vm -m 256M -machine q35,aux-ram-share=on,memory-backend=ram0 \\
+     -object memory-backend-memfd,id=ram0,size=256M,share=on -qmp unix:/tmp/q.sock,server=on,wait=off
+  qmp-shell /tmp/q.sock          # then: query-status, x-labkit-guest-stats, quit
+"""
 
 
 class OptionError(Exception):
     """A command-line error, printed as one line `labkit-vm: -opt value: what is wrong` and exit status 1."""
+
+
+class HelpRequested(Exception):
+    """-h / --help / -help: print USAGE and exit 0, as qemu-system-x86_64 -h does."""
+
+
+def _check_ram_size(size: int) -> None:
+    """QEMU would round a tiny -m up; the emulated guest needs room for its own tables, so refuse instead."""
+    if size < MIN_RAM_SIZE:
+        from labkit.config import human_size
+
+        raise OptionError(f"RAM size {human_size(size)} is below the emulator's minimum of 1 MiB")
 
 
 @dataclass
@@ -160,6 +201,7 @@ def _object(opts: MachineOptions, value: str) -> None:
         raise OptionError(f"Parameter 'size' expects a non-negative number below 2^64 ({e})") from None
     if size == 0:
         raise OptionError("can't create backend with size 0")
+    _check_ram_size(size)
     # QEMU's defaults: memory-backend-memfd shares (share=on), the others do not
     share = parse_bool(kv.pop("share"), "share") if "share" in kv else qom_type == "memory-backend-memfd"
     mem_path = kv.pop("mem-path", None)
@@ -235,6 +277,10 @@ def parse_args(argv: list[str]) -> MachineOptions:
                 f"{raw}: disk images are not supported by the emulator"
             )  # QEMU would take it as -hda
         name = raw.lstrip("-") if raw.startswith("--") else raw[1:]
+        if name in ("h", "help"):
+            raise HelpRequested()
+        if name == "enable-kvm":
+            raise OptionError(f"{raw}: the emulator has no KVM (use the qemu backend for a real vCPU)")
         if name in _NO_ARG:
             if name == "S":
                 opts.start_paused = True
@@ -265,6 +311,7 @@ def _apply(opts: MachineOptions, name: str, value: str) -> None:
             opts.ram_size = parse_size(kv.get("size", ""), default_suffix="m")
         except SizeError:
             raise OptionError("Parameter 'size' expects a non-negative number below 2^64") from None
+        _check_ram_size(opts.ram_size)
         opts.ram_size_given = True
     elif name in ("machine", "M"):
         _machine(opts, value)
@@ -290,7 +337,13 @@ def _apply(opts: MachineOptions, name: str, value: str) -> None:
             raise OptionError("the emulator's serial port supports file:PATH, stdio or none")
     elif name == "accel":
         opts.accel = parse_keyval(value, "accel").get("accel")
-    # -display, -kernel, -append, -cpu, -smp, -chardev, -mon: accepted and inert in the emulator
+        if opts.accel not in (None, "tcg", "qtest"):
+            raise OptionError("the emulator has no KVM (use the qemu backend for a real vCPU)")
+    elif name == "smp":
+        cpus = parse_keyval(value, "cpus").get("cpus", "1")
+        if cpus != "1":
+            raise OptionError("the emulated guest has exactly one vCPU")
+    # -display, -kernel, -append, -cpu, -chardev, -mon: accepted and inert in the emulator
 
 
 def _finish(opts: MachineOptions) -> None:
@@ -302,3 +355,9 @@ def _finish(opts: MachineOptions) -> None:
         if opts.ram_size_given and backend.size != opts.ram_size:
             raise OptionError("backend memory size must match the RAM size given with -m")
         opts.ram_size = backend.size
+    ws = opts.guest.working_set
+    if ws and ws > opts.ram_size:
+        raise OptionError(
+            f"-x-guest working-set={ws}: larger than guest RAM ({opts.ram_size} bytes); "
+            "choose a working set no larger than -m"
+        )

@@ -16,7 +16,7 @@ from labkit.vm.memory import MemoryError_, ram_blocks_create
 from labkit.vm.migration.channels import parse_incoming_option
 from labkit.vm.migration.cpr import CprError, cpr_state_load, cpr_transfer_input
 from labkit.vm.migration.cpr_exec import IGNORED_CHANNEL_TEXT, cpr_exec_has_state, cpr_exec_state_load
-from labkit.vm.options import PROG, OptionError, parse_args
+from labkit.vm.options import PROG, USAGE, HelpRequested, OptionError, parse_args
 from labkit.vm.vm import VM
 
 
@@ -57,8 +57,19 @@ def qemu_init(argv: list[str]) -> VM | int:
     """Parse argv and build the VM in QEMU's order; an int return is an exit status."""
     try:
         opts = parse_args(argv)
+    except HelpRequested:
+        print(USAGE, end="")
+        return 0
     except OptionError as e:
         return _error(str(e))
+    if not opts.qmp:
+        # QEMU would open a window; the emulator has only its monitor, so without one nothing can drive it
+        print(
+            f"{PROG}: warning: no -qmp given: nothing can talk to this VM (see labkit-vm --help); "
+            "Ctrl-C stops it",
+            file=sys.stderr,
+            flush=True,
+        )
     cpr_sock, cpr_fds, cpr_exec_state = None, {}, None
     if cpr_exec_has_state():  # exec'd by a cpr-exec migration: the state is in a memfd, not on a channel
         try:

@@ -206,7 +206,16 @@ class VM:
             self.loop.add_signal_handler(sig, self.quit_requested.set)
         self.vcpu.start()
         for path in self.opts.qmp:
-            await self.monitor.serve_unix(path)
+            try:
+                await self.monitor.serve_unix(path)
+            except OSError as e:  # QEMU's text: chardev socket's bind failure, one line, exit 1
+                print(
+                    f"labkit-vm: -qmp unix:{path}: Failed to bind socket to {path}: {e.strerror}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                await self.shutdown()
+                return 1
         if self.runstate.state == rs.INMIGRATE:
             main = self.opts.incoming.get("main")
             # QEMU's order: monitor, then incoming (qmp_x_exit_preconfig). No await stands between the two, so

@@ -343,7 +343,8 @@ def format_breakdown(breakdown: list[dict[str, Any]]) -> list[str]:
     width = max(len(f"{a} -> {z}") for a, z in steps)
     head = "".join(f" {(b[:4] + ' ' + m)[:17]:>17s}" for b, m in cols)
     lines = [
-        "pause breakdown (median ms between consecutive checkpoints, QEMU's names; '-': not on this path):",
+        "pause breakdown (median ms between consecutive checkpoints in QEMU's order, QEMU's names; negative: the"
+        " later one came first; '-': not on this path):",
         f"  {'step':{width}s}{head}",
     ]
     for a, z in steps:

@@ -17,6 +17,7 @@ from labkit.backends.qemu_trace import (
     parse_trace_line,
     parse_trace_log,
     read_trace_log,
+    strip_msg_timestamps,
     trace_argv,
 )
 from labkit.breakdown import PAUSE_CHECKPOINTS, breakdown_steps, pause_breakdown
@@ -62,8 +63,12 @@ def test_parse_one_line_of_each_kind():
     # what QEMU writes without -msg timestamp=on, a torn last line, and a stderr message: no time, no point
     assert parse_trace_line("runstate_set current_run_state 6 (prelaunch) new_state 9 (running)") is None
     assert parse_trace_line("14253@1796171382.95") is None
-    assert (
-        parse_trace_line("2026-12-02T00:26:17.941936Z qemu-system-x86_64: terminating on signal 15") is None
+    stderr = (
+        "2026-12-02T00:26:17.941936Z qemu-system-x86_64: terminating on signal 15 from pid 7226 (timeout)"
+    )
+    assert parse_trace_line(stderr) is None
+    assert strip_msg_timestamps(f"{stderr}\n{stderr}\n") == (
+        "qemu-system-x86_64: terminating on signal 15 from pid 7226 (timeout)\n" * 2
     )
 
 

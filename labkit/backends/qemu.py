@@ -18,7 +18,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from labkit.backends import qemu_guest as qg
-from labkit.backends.qemu_trace import SOCKET_CHECKPOINTS, TRACE_LOG, read_trace_log, trace_argv
+from labkit.backends.qemu_trace import (
+    SOCKET_CHECKPOINTS,
+    TRACE_LOG,
+    read_trace_log,
+    strip_msg_timestamps,
+    trace_argv,
+)
 from labkit.config import VMConfig
 from labkit.inspect import read_fds, read_maps
 
@@ -277,7 +283,9 @@ class QemuOps:
         ram = None
         while True:
             if not m.alive():
-                raise RuntimeError(f"QEMU exited before the guest ran: {m.log().strip()[-500:]}")
+                raise RuntimeError(
+                    f"QEMU exited before the guest ran: {strip_msg_timestamps(m.log()).strip()[-500:]}"
+                )
             with contextlib.suppress(FileNotFoundError):
                 ram = ram or self.guest_ram(m)
                 hb = self.read_heartbeat(m, ram)

@@ -63,6 +63,15 @@ def trace_argv(log_path: str, events: tuple[str, ...] = TRACE_EVENTS) -> list[st
     return argv + ["-trace", f"file={log_path}"]
 
 
+_MSG_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z ", re.MULTILINE)
+
+
+def strip_msg_timestamps(text: str) -> str:
+    """QEMU's stderr messages without the time `-msg timestamp=on` puts in front of each
+    ("2026-12-02T00:26:17.941936Z qemu-system-x86_64: ..."), so they read as QEMU prints them by default."""
+    return _MSG_TIMESTAMP.sub("", text)
+
+
 def parse_trace_line(line: str) -> TracePoint | None:
     """A TracePoint from one log line, or None for a line that is not a timed trace point (a partial last
     line being written, or a message QEMU logged without a time)."""

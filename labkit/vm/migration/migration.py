@@ -2,7 +2,8 @@
 
 Source, in the order QEMU 10.0.2 showed here (events capability on):
 
-    normal        setup, PASS 1, active, PASS 2..n (one per pass), STOP, device, PASS n+1, completed
+    normal        setup, PASS 1, active, PASS 2..n (one per exact bitmap sync: none when the first pass
+                  ends within 100 ms), STOP, device, PASS n+1, completed
     cpr-reboot    setup, STOP, PASS 1, active, device, PASS 2, completed      (main channel is a file)
     cpr-transfer  setup, [CPR state sent over the cpr channel; `migrate` returns; guest still runs;
                   wait for the destination to hang up the cpr channel], STOP, PASS 1, active, device, PASS 2,

@@ -11,10 +11,12 @@ ifeq ($(IN_VENV),1)
 PY := $(PYTHON)
 PY_DEP :=
 BIN :=
+RUN :=
 else
 PY := $(VENV)/bin/python
 PY_DEP := $(VENV)/bin/python
 BIN := $(VENV)/bin/
+RUN := env PATH="$(CURDIR)/$(VENV)/bin:$$PATH"  # the venv's scripts (labkit-vm, qmp-shell) for the tests
 endif
 
 .PHONY: install install-test test lint demo venv
@@ -48,7 +50,7 @@ lint: install-test
 
 # the whole suite: unit, integration (real processes), notebooks, real QEMU where installed
 test: install-test lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(RUN) $(PY) -m pytest $(PYTEST_ARGS)
 
 # install, then migrate one guest with all three modes; figures and results.csv in labkit-demo/
 demo: install-test

@@ -94,7 +94,11 @@ def _never_raises(exercise: str, hint: str) -> Callable:
             if _unanswered(answer):
                 return _not_answered(exercise, hint)
             try:
-                return fn(answer, **{**variant(exercise, seed), **settings})
+                params = {**variant(exercise, seed), **settings}
+            except ValueError as e:
+                return Check(exercise, False, False, f"Pick another seed: {e}.")
+            try:
+                return fn(answer, **params)
             except _BadAnswer as e:
                 return Check(exercise, False, True, f"Could not read your answer: {e}", answer=answer)
             except Exception as e:  # a measurement that failed must still render, never a traceback

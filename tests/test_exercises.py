@@ -125,6 +125,8 @@ def test_variant_refuses_unknown_ids_and_bad_seeds():
     with pytest.raises(ValueError, match="seed"):
         variant("does-it-converge", seed=-1)
     assert 1 <= my_seed() <= 999
+    c = check("does-it-converge", True, seed="mine")
+    assert not c.ok and "seed must be a whole number" in c.explanation
 
 
 def test_my_seed_follows_labkit_seed(monkeypatch):

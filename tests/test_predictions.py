@@ -1,0 +1,52 @@
+"""The prediction check used by the notebooks: right, wrong and placeholder answers, for every kind."""
+
+from __future__ import annotations
+
+import pytest
+
+from labkit.predictions import NOT_YET, RIGHT, WRONG, check_prediction, grows, order_of
+
+
+@pytest.mark.parametrize("placeholder", [..., None, "", [], set(), [..., ...]])
+def test_a_placeholder_is_not_yet_answered_and_still_reveals(placeholder):
+    v = check_prediction("bytes?", placeholder, 1800)
+    assert v.verdict == NOT_YET and not v.right
+    assert "1800" in str(v) and "no prediction yet" in str(v)
+
+
+def test_numbers_within_the_band_are_right_outside_wrong():
+    assert check_prediction("ratio", 1.1, 1.0, rel=0.25).verdict == RIGHT
+    assert check_prediction("ratio", 4.0, 1.0, rel=0.25).verdict == WRONG
+    assert check_prediction("ms", 7, 5.0, abs_tol=2).verdict == RIGHT
+    assert check_prediction("ms", 8, 5.0, abs_tol=2).verdict == WRONG
+
+
+def test_strings_ignore_case_and_space():
+    assert check_prediction("state", " Paused", "paused").verdict == RIGHT
+    assert check_prediction("state", "running", "paused").verdict == WRONG
+
+
+def test_sets_any_order_lists_in_order():
+    assert check_prediction("modes", ["cpr-exec", "cpr-reboot"], {"cpr-reboot", "cpr-exec"}).verdict == RIGHT
+    assert check_prediction("modes", "cpr-exec", {"cpr-exec"}).verdict == RIGHT
+    assert check_prediction("modes", {"cpr-exec"}, {"cpr-reboot", "cpr-exec"}).verdict == WRONG
+    assert check_prediction("order", ["a", "b", "c"], ["a", "b", "c"]).verdict == RIGHT
+    assert check_prediction("order", ["b", "a", "c"], ["a", "b", "c"]).verdict == WRONG
+
+
+def test_booleans_are_not_numbers():
+    assert check_prediction("converges?", False, False).verdict == RIGHT
+    assert check_prediction("converges?", True, False).verdict == WRONG
+    assert check_prediction("converges?", 0, False).verdict == WRONG  # 0 is not an answer to yes/no
+
+
+def test_a_nonsense_answer_is_wrong_not_an_error():
+    assert check_prediction("ratio", "four", 1.0, rel=0.2).verdict == WRONG
+    assert check_prediction("order", 3, ["a"]).verdict == WRONG
+
+
+def test_order_of_and_grows():
+    assert order_of({"events": 5.0, "reported": 2, "guest": None, "x": float("nan")}) == ["reported", "events"]
+    assert grows([256, 512, 1024], [10, 30, 60])
+    assert not grows([256, 512, 1024], [10, 9, 11])
+    assert not grows([256], [10])

@@ -34,7 +34,12 @@ class Verdict:
 
     def __str__(self) -> str:
         said = "(no prediction yet)" if self.verdict == NOT_YET else repr(self.said)
-        lines = [f"{self.question}", f"  you said: {said}", f"  measured: {self.measured!r}", f"  -> {self.verdict}"]
+        lines = [
+            f"{self.question}",
+            f"  you said: {said}",
+            f"  measured: {self.measured!r}",
+            f"  -> {self.verdict}",
+        ]
         if self.why:
             lines.append(f"  why: {self.why}")
         return "\n".join(lines)
@@ -48,7 +53,9 @@ def unanswered(prediction: Any) -> bool:
     if prediction is ... or prediction is None:
         return True
     if isinstance(prediction, str | list | tuple | set | frozenset | dict):
-        return len(prediction) == 0 or any(p is ... for p in (prediction if not isinstance(prediction, str) else ()))
+        return len(prediction) == 0 or any(
+            p is ... for p in (prediction if not isinstance(prediction, str) else ())
+        )
     return False
 
 
@@ -100,7 +107,9 @@ def check_prediction(
 
 def order_of(values: Mapping[str, float | None]) -> list[str]:
     """The names of `values` from the smallest figure to the largest; unmeasured ones (None, NaN) left out."""
-    known = {k: v for k, v in values.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+    known = {
+        k: v for k, v in values.items() if v is not None and not (isinstance(v, float) and math.isnan(v))
+    }
     return sorted(known, key=lambda k: known[k])
 
 
@@ -111,3 +120,26 @@ def grows(xs: Iterable[float], ys: Iterable[float], at_least: float = 1.5) -> bo
     if len(pairs) < 2 or pairs[0][1] <= 0:
         return False
     return pairs[-1][1] >= at_least * pairs[0][1]
+
+
+def check_order(
+    question: str, prediction: Any, values: Mapping[str, float | None], *, tie: float = 0.0, why: str = ""
+) -> Verdict:
+    """Check a predicted order (smallest first) against measured figures. Two figures closer than `tie`
+    (their resolution, e.g. 1 ms for QEMU's own downtime) may come in either order, so a right answer does not
+    fail on noise. Names may be given with or without a common prefix ("events" or "pause_ms_events")."""
+    measured = order_of(values)
+    if unanswered(prediction):
+        return Verdict(question, prediction, measured, NOT_YET, why)
+    names = {_normal(k): k for k in values}
+    try:
+        said = [
+            names.get(_normal(p)) or next(k for n, k in names.items() if _normal(p).endswith(n))
+            for p in prediction
+        ]
+    except (StopIteration, TypeError, AttributeError):
+        return Verdict(question, prediction, measured, WRONG, why)
+    if sorted(said) != sorted(measured):
+        return Verdict(question, prediction, measured, WRONG, why)
+    ok = all(values[a] <= values[b] + tie for i, a in enumerate(said) for b in said[i + 1 :])
+    return Verdict(question, prediction, measured, RIGHT if ok else WRONG, why)

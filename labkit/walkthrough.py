@@ -58,7 +58,9 @@ class Walkthrough:
                 data = f" {json.dumps(t['data'])}" if t.get("data") else ""
                 lines.append(f"<- {t['to']:11s} event {t['event']}{data}"[:width])
                 continue
-            sent = json.dumps({"execute": t["execute"], **({"arguments": t["arguments"]} if t["arguments"] else {})})
+            sent = json.dumps(
+                {"execute": t["execute"], **({"arguments": t["arguments"]} if t["arguments"] else {})}
+            )
             lines.append(f"-> {t['to']:11s} {sent}"[:width])
             lines.append(f"<- {t['to']:11s} {json.dumps(t['reply'])}"[:width])
         return "\n".join(lines)
@@ -128,7 +130,9 @@ def step_through_switchover(
         def state(m: Machine | None) -> tuple[str | None, str | None]:
             if m is None or not m.qmp.connected:
                 return None, None
-            return client.quietly(m, "query-status")["status"], client.quietly(m, "query-migrate").get("status")
+            return client.quietly(m, "query-status")["status"], client.quietly(m, "query-migrate").get(
+                "status"
+            )
 
         (sr, ss), (dr, ds) = state(src), state(dst)
         walk.holds.append(Hold(step, sr, ss, dr, ds, _event_names(src) + _event_names(dst)))
@@ -139,7 +143,10 @@ def step_through_switchover(
         ready = getattr(ops, "ready", None)
         if ready is not None:
             ready(src)  # real QEMU: the guest has booted and writes its RAM
-        caps = [{"capability": "events", "state": True}, {"capability": "pause-before-switchover", "state": True}]
+        caps = [
+            {"capability": "events", "state": True},
+            {"capability": "pause-before-switchover", "state": True},
+        ]
         client.cmd("source", src, "migrate-set-capabilities", {"capabilities": caps})
         client.cmd("source", src, "migrate-set-parameters", {"mode": "cpr-transfer"})
         hold("source running, pause-before-switchover on")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from labkit.predictions import NOT_YET, RIGHT, WRONG, check_prediction, grows, order_of
+from labkit.predictions import NOT_YET, RIGHT, WRONG, check_order, check_prediction, grows, order_of
 
 
 @pytest.mark.parametrize("placeholder", [..., None, "", [], set(), [..., ...]])
@@ -46,7 +46,23 @@ def test_a_nonsense_answer_is_wrong_not_an_error():
 
 
 def test_order_of_and_grows():
-    assert order_of({"events": 5.0, "reported": 2, "guest": None, "x": float("nan")}) == ["reported", "events"]
+    assert order_of({"events": 5.0, "reported": 2, "guest": None, "x": float("nan")}) == [
+        "reported",
+        "events",
+    ]
     assert grows([256, 512, 1024], [10, 30, 60])
     assert not grows([256, 512, 1024], [10, 9, 11])
     assert not grows([256], [10])
+
+
+def test_an_order_within_the_resolution_may_come_either_way():
+    pauses = {"reported": 2, "events": 1.6, "guest": 17.1}
+    assert check_order("order", ["reported", "events", "guest"], pauses, tie=1).verdict == RIGHT
+    assert (
+        check_order("order", ["pause_ms_events", "pause_ms_reported", "guest"], pauses, tie=1).verdict
+        == RIGHT
+    )
+    assert check_order("order", ["guest", "events", "reported"], pauses, tie=1).verdict == WRONG
+    assert check_order("order", ["events", "guest"], pauses, tie=1).verdict == WRONG  # one left out
+    assert check_order("order", ["nonsense", "x", "y"], pauses).verdict == WRONG
+    assert check_order("order", ..., pauses).verdict == NOT_YET

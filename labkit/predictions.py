@@ -49,13 +49,14 @@ class Verdict:
 
 
 def unanswered(prediction: Any) -> bool:
-    """The notebook's placeholder (`...`), None, or an empty string or collection."""
+    """The notebook's placeholder (`...`), None, an empty string or list, or a list still holding `...`. An
+    empty set is an answer ("none of them"), not a placeholder."""
     if prediction is ... or prediction is None:
         return True
-    if isinstance(prediction, str | list | tuple | set | frozenset | dict):
-        return len(prediction) == 0 or any(
-            p is ... for p in (prediction if not isinstance(prediction, str) else ())
-        )
+    if isinstance(prediction, str):
+        return not prediction.strip()
+    if isinstance(prediction, list | tuple | dict):
+        return len(prediction) == 0 or any(p is ... for p in prediction)
     return False
 
 
@@ -91,6 +92,8 @@ def check_prediction(
     if unanswered(prediction):
         return Verdict(question, prediction, measured, NOT_YET, why)
     try:
+        if hasattr(measured, "item") and not isinstance(measured, list | tuple | set | dict | str):
+            measured = measured.item()  # a numpy scalar read from a frame: compare and print it as Python's
         if isinstance(measured, bool) or isinstance(prediction, bool):
             ok = bool(prediction) == bool(measured) and isinstance(prediction, bool)
         elif isinstance(measured, int | float) and isinstance(prediction, int | float):
@@ -119,7 +122,7 @@ def grows(xs: Iterable[float], ys: Iterable[float], at_least: float = 1.5) -> bo
     pairs = sorted((x, y) for x, y in zip(xs, ys, strict=True) if y is not None and not math.isnan(y))
     if len(pairs) < 2 or pairs[0][1] <= 0:
         return False
-    return pairs[-1][1] >= at_least * pairs[0][1]
+    return bool(pairs[-1][1] >= at_least * pairs[0][1])
 
 
 def check_order(

@@ -7,7 +7,7 @@ import pytest
 from labkit.predictions import NOT_YET, RIGHT, WRONG, check_order, check_prediction, grows, order_of
 
 
-@pytest.mark.parametrize("placeholder", [..., None, "", [], set(), [..., ...]])
+@pytest.mark.parametrize("placeholder", [..., None, "", "  ", [], [..., ...]])
 def test_a_placeholder_is_not_yet_answered_and_still_reveals(placeholder):
     v = check_prediction("bytes?", placeholder, 1800)
     assert v.verdict == NOT_YET and not v.right
@@ -32,6 +32,11 @@ def test_sets_any_order_lists_in_order():
     assert check_prediction("modes", {"cpr-exec"}, {"cpr-reboot", "cpr-exec"}).verdict == WRONG
     assert check_prediction("order", ["a", "b", "c"], ["a", "b", "c"]).verdict == RIGHT
     assert check_prediction("order", ["b", "a", "c"], ["a", "b", "c"]).verdict == WRONG
+
+
+def test_an_empty_set_is_an_answer():
+    assert check_prediction("modes", set(), set()).verdict == RIGHT
+    assert check_prediction("modes", set(), {"file"}).verdict == WRONG
 
 
 def test_booleans_are_not_numbers():

@@ -58,6 +58,8 @@ def test_order_of_and_grows():
     assert grows([256, 512, 1024], [10, 30, 60])
     assert not grows([256, 512, 1024], [10, 9, 11])
     assert not grows([256], [10])
+    assert not grows([64, 128, 256], [7.0, 13.4, 27.1], min_rise=50)  # a few ms of noise is not growth
+    assert grows([64, 128, 256], [103.5, 198.5, 432.9], min_rise=50)
 
 
 def test_an_order_within_the_resolution_may_come_either_way():

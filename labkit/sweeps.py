@@ -209,7 +209,7 @@ def watch_precopy(
             samples[-1]["rescued"] = rescued_at is not None
             done = info.get("status") in ("completed", "failed", "cancelled")
             many = (ram_info.get("dirty-sync-count") or 0) >= passes
-            if many and rescue_args and rescued_at is None and not done:
+            if many and rescue_args and rescued_at is None and info.get("status") == "active":
                 src.cmd("migrate-set-parameters", rescue_args)  # mid-migration: the next pass uses them
                 rescued_at = samples[-1]["t_s"]
                 many = False

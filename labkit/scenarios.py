@@ -242,3 +242,146 @@ def ram0_inodes(result: Result) -> dict[str, Any]:
     with contextlib.suppress(KeyError):
         out["same inode"] = out["source"]["inode"] == out["destination"]["inode"]
     return out
+
+
+# -- safety: what must not be done after a handoff, and what survives -------------------------------------
+def _ram0_inode(m: Machine) -> int | None:
+    """The inode of the memfd that backs guest RAM in this process (memfd of the backend ram0)."""
+    from labkit.inspect import read_maps
+
+    for mapping in read_maps(m.pid):
+        if "memfd:" in mapping.path and "ram0" in mapping.path or "memory-backend-memfd" in mapping.path:
+            return mapping.inode
+    return None
+
+
+def cont_after_handoff(ram: str | int = "64M", dirty_rate: str | int = "32M", run_for: float = 1.0):
+    """Complete a cpr-transfer, then send `cont` to the *old* process, which QEMU allows from postmigrate.
+    Both guests now run on the same memfd: the new one with its current device state, the old one with the
+    stale state it had at STOP. After `run_for` seconds each guest checks its own memory. Returns a DataFrame
+    of steps; the destination's check is the one that must catch the damage."""
+    import pandas as pd
+
+    rows: list[dict[str, Any]] = []
+
+    def note(who: str, sent: str, seen: Any) -> None:
+        rows.append({"step": len(rows) + 1, "to": who, "sent / looked at": sent, "came back": seen})
+
+    with Lab(mode="cpr-transfer", ram=ram, dirty_rate=dirty_rate) as lab:
+        result = lab.run()
+        assert lab.src is not None and lab.dst is not None
+        note("both", "cpr-transfer", f"{result.status}; destination memory verified: {result.guest_verified}")
+        note("source", "query-status", lab.src.cmd("query-status")["status"])
+        note("destination", "x-labkit-verify (before)", bool(lab.dst.cmd("x-labkit-verify").get("ok")))
+        try:
+            lab.src.cmd("cont")
+            note("source", "cont", "{} (accepted: the old guest runs again)")
+        except QMPCommandError as e:
+            note("source", "cont", f"refused: {e}")
+        time.sleep(run_for)
+        note("source", "query-status", lab.src.cmd("query-status")["status"])
+        same = _ram0_inode(lab.src) == _ram0_inode(lab.dst)
+        note("both", "the same ram0 memfd (inode)?", same)
+        check = lab.dst.cmd("x-labkit-verify")
+        note("destination", "x-labkit-verify (after)", _verdict(check))
+    return pd.DataFrame(rows)
+
+
+def _verdict(check: dict) -> str:
+    if check.get("ok"):
+        return "ok: every page is what this guest wrote"
+    bad = check.get("bad-pages")
+    parts = [f"{len(bad) if isinstance(bad, list) else bad} bad pages" if bad else None]
+    if check.get("checksum-ok") is False:
+        parts.append("the guest's checksum of its generation table does not match")
+    if check.get("error"):
+        parts.append(check["error"])
+    return "FAILED: " + "; ".join(p for p in parts if p) if any(parts) else "FAILED"
+
+
+def source_dies_after_handoff(ram: str | int = "64M", dirty_rate: str | int = "16M", wait: float = 1.0):
+    """Step a cpr-transfer until the destination has mapped the fds and listens on main, SIGKILL the
+    source there, and look at what is left: the guest's RAM lives on in the destination's memfds (the
+    kernel frees a memfd only when no process refers to it), but nobody will ever send the device state, so
+    no process can run the guest. Returns a DataFrame of steps."""
+    import pandas as pd
+
+    rows: list[dict[str, Any]] = []
+
+    def note(who: str, sent: str, seen: Any) -> None:
+        rows.append({"step": len(rows) + 1, "to": who, "sent / looked at": sent, "came back": seen})
+
+    with Lab(mode="cpr-transfer", ram=ram, dirty_rate=dirty_rate) as lab:
+        for _ in range(4):
+            snap = lab.step()
+        assert lab.src is not None and lab.dst is not None
+        note("both", f"step to '{snap.phase}'", snap.states)
+        inode = _ram0_inode(lab.src)
+        lab.src.kill()
+        note("source", "SIGKILL", "killed (after it had handed over the fds)")
+        time.sleep(wait)
+        note("destination", "still holds guest RAM (same ram0 inode)?", _ram0_inode(lab.dst) == inode)
+        note("destination", "query-status", lab.dst.cmd("query-status")["status"])
+        note("destination", "query-migrate", lab.dst.cmd("query-migrate").get("status"))
+        note("destination", "x-labkit-verify (the RAM itself)", _verdict(lab.dst.cmd("x-labkit-verify")))
+        try:
+            lab.dst.cmd("cont")
+            note("destination", "cont", "{} (it only sets autostart: there is no device state to start from)")
+        except QMPCommandError as e:
+            note("destination", "cont", f"refused: {e}")
+        time.sleep(0.2)
+        note("destination", "query-status", lab.dst.cmd("query-status")["status"])
+    return pd.DataFrame(rows)
+
+
+def cancel_during_hangup_wait(ram: str | int = "64M", dirty_rate: str | int = "16M", timeout: float = 30.0):
+    """cpr-transfer to a destination started with -incoming defer: after `migrate` the source has sent its
+    fds and waits for the destination's hang-up, which never comes until `migrate-incoming`. Cancel it there.
+    The source goes back to `running`, its memory intact; the destination still holds the same memfds but
+    never ran the guest, and must be killed. Returns a DataFrame of steps."""
+    import pandas as pd
+
+    size = parse_size(ram, "m") if isinstance(ram, str) else ram
+    rows: list[dict[str, Any]] = []
+
+    def note(who: str, sent: str, seen: Any) -> None:
+        rows.append({"step": len(rows) + 1, "to": who, "sent / looked at": sent, "came back": seen})
+
+    src = spawn(VMConfig(name="source", ram=size, guest=GuestConfig(dirty_rate=parse_size(dirty_rate))))
+    dst = None
+    try:
+        main, cpr = f"{src.run_dir}/main.sock", f"{src.run_dir}/cpr.sock"
+        src.cmd("migrate-set-parameters", {"mode": "cpr-transfer"})
+        dcfg = VMConfig(name="destination", ram=size).with_incoming("defer", unix_channel(cpr, "cpr"))
+        dst = spawn(dcfg, connect=False)
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(cpr) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        src.cmd("migrate", {"channels": [unix_channel(main), unix_channel(cpr, "cpr")]})
+        note("source", "migrate channels=[main, cpr]", "{} (fds sent)")
+        dst.connect(
+            timeout
+        )  # it has read the fds and opened its monitor; it will not hang up before migrate-incoming
+        note("source", "query-migrate", f"{src.cmd('query-migrate').get('status')} (waiting for the hang-up)")
+        src.cmd("migrate_cancel")
+        note("source", "migrate_cancel", "{}")
+        while (
+            src.cmd("query-migrate").get("status") not in ("cancelled", "failed")
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.02)
+        note("source", "query-migrate", src.cmd("query-migrate").get("status"))
+        note("source", "query-status", src.cmd("query-status")["status"])
+        note("source", "x-labkit-verify", _verdict(src.cmd("x-labkit-verify")))
+        note("destination", "query-status", dst.cmd("query-status")["status"])
+        note(
+            "destination", "holds the source's ram0 memfd (same inode)?", _ram0_inode(dst) == _ram0_inode(src)
+        )
+        dst.kill()
+        note("destination", "SIGKILL (it must never run this guest)", "killed")
+        note("source", "x-labkit-verify", _verdict(src.cmd("x-labkit-verify")))
+    finally:
+        if dst is not None:
+            dst.kill()
+        src.shutdown(timeout=5)
+    return pd.DataFrame(rows)

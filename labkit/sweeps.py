@@ -68,6 +68,35 @@ def sweep(
     return pd.DataFrame(rows)
 
 
+# The headline's guest: its hot set is a fixed share of its RAM (a bigger VM runs a bigger workload), it
+# rewrites that set faster than QEMU's default max-bandwidth carries it, and the downtime limit is high enough
+# for every size to converge. Pre-copy must then send the whole hot set while the guest is stopped: the pause
+# grows with RAM. cpr-transfer sends none of it.
+HEADLINE: dict[str, Any] = {"dirty_rate": "256M", "max_bandwidth": "128M", "downtime_limit": 1000}
+HEADLINE_HOT_SHARE = 4  # the hot set is RAM / 4
+HEADLINE_RAMS = ("64M", "128M", "256M")
+
+
+def headline_sweep(
+    rams: Sequence[str | int] = HEADLINE_RAMS,
+    modes: Sequence[str] = ("normal", "cpr-transfer"),
+    hot_share: int = HEADLINE_HOT_SHARE,
+    repeat: int = 1,
+    progress: bool = True,
+    **fixed: Any,
+):
+    """The headline, measured: each mode at each RAM size with the HEADLINE guest (hot set RAM/hot_share,
+    rewritten at 256 MiB/s, QEMU's default 128 MiB/s link, a 1 s downtime limit). One row per run, as sweep()."""
+    import pandas as pd
+
+    frames = []
+    for ram in rams:
+        size = parse_size(ram, "m") if isinstance(ram, str) else ram
+        settings = {**HEADLINE, "working_set": size // hot_share, **fixed}
+        frames.append(sweep({"mode": list(modes)}, repeat=repeat, progress=progress, ram=ram, **settings))
+    return pd.concat(frames, ignore_index=True)
+
+
 class _NoBar:
     def set_postfix_str(self, *a: Any, **k: Any) -> None:
         pass
@@ -108,6 +137,8 @@ class PrecopyWatch:
     max_bandwidth: int
     dirty_rate: int
     after_cancel: dict[str, Any] = field(default_factory=dict)
+    rescue: dict[str, Any] = field(default_factory=dict)  # the parameters set mid-migration, if any
+    rescued_at_s: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -126,10 +157,15 @@ def watch_precopy(
     interval: float = 0.25,
     seed: int = 1,
     backend: str = "emulated",
+    rescue: Mapping[str, Any] | None = None,
 ) -> PrecopyWatch:
     """Start a normal (pre-copy) migration, sample query-migrate every `interval` s until it completes or has
     made `passes` dirty-bitmap syncs, then migrate_cancel if it is still going; report the source afterwards
-    (status, runstate, guest memory verified). Both VMs end before this returns."""
+    (status, runstate, guest memory verified). Both VMs end before this returns.
+
+    With `rescue` (migrate-set-parameters arguments, e.g. {"max-bandwidth": "1G"}), a migration still going
+    after `passes` syncs is not cancelled: the parameters are changed mid-migration, as an operator would,
+    and the sampling goes on until it completes or `timeout` runs out; only then is it cancelled."""
     import pandas as pd
 
     dirty, bandwidth = parse_size(dirty_rate), parse_size(max_bandwidth)
@@ -146,6 +182,8 @@ def watch_precopy(
         time.sleep(0.2)  # let the guest dirty some memory first
         t0 = time.monotonic()
         src.cmd("migrate", {"uri": f"unix:{path}"})
+        rescued_at = None
+        rescue_args = {k: parse_size(v) if k == "max-bandwidth" else v for k, v in (rescue or {}).items()}
         while True:
             info = src.cmd("query-migrate")
             ram_info = info.get("ram", {})
@@ -155,14 +193,27 @@ def watch_precopy(
                     "status": info.get("status", "none"),
                     "dirty_sync_count": ram_info.get("dirty-sync-count"),
                     "expected_downtime_ms": info.get("expected-downtime"),
-                    "downtime_limit_ms": downtime_limit,
+                    "downtime_limit_ms": rescue_args.get("downtime-limit", downtime_limit)
+                    if rescued_at is not None
+                    else downtime_limit,
+                    "max_bandwidth_MiB_s": round(
+                        (rescue_args.get("max-bandwidth", bandwidth) if rescued_at is not None else bandwidth)
+                        / (1 << 20)
+                    ),
                     "remaining_MiB": round(ram_info.get("remaining", 0) / (1 << 20), 1),
                     "transferred_MiB": round(ram_info.get("transferred", 0) / (1 << 20), 1),
                     "dirty_pages_rate": ram_info.get("dirty-pages-rate"),
+                    "downtime_ms": info.get("downtime"),
                 }
             )
+            samples[-1]["rescued"] = rescued_at is not None
             done = info.get("status") in ("completed", "failed", "cancelled")
-            if done or (ram_info.get("dirty-sync-count") or 0) >= passes or time.monotonic() - t0 > timeout:
+            many = (ram_info.get("dirty-sync-count") or 0) >= passes
+            if many and rescue_args and rescued_at is None and info.get("status") == "active":
+                src.cmd("migrate-set-parameters", rescue_args)  # mid-migration: the next pass uses them
+                rescued_at = samples[-1]["t_s"]
+                many = False
+            if done or (many and rescued_at is None) or time.monotonic() - t0 > timeout:
                 break
             time.sleep(interval)
         converged = samples[-1]["status"] == "completed"
@@ -185,7 +236,9 @@ def watch_precopy(
         if dst is not None:
             dst.kill()
         src.shutdown()
-    return PrecopyWatch(pd.DataFrame(samples), converged, downtime_limit, bandwidth, dirty, after)
+    watch = PrecopyWatch(pd.DataFrame(samples), converged, downtime_limit, bandwidth, dirty, after)
+    watch.rescue, watch.rescued_at_s = dict(rescue or {}), rescued_at
+    return watch
 
 
 # -- reference data committed by `labkit bench` ------------------------------------------------------------
@@ -271,8 +324,44 @@ def plot_total(frame, x: str = "ram_bytes"):
     return fig
 
 
+def plot_headline(frame):
+    """Pause (STOP to RESUME) and total time against guest RAM, one line per mode, both on linear axes from
+    zero, titled with the run's conditions in human units: the headline as a person reads it, where a line
+    that grows looks like it grows."""
+    from matplotlib.figure import Figure
+
+    from labkit.config import human_size
+
+    fig = Figure(figsize=(10, 3.8))
+    first = frame.iloc[0]
+    conditions = (
+        f"guest rewrites a hot set of RAM/{int(frame.ram_bytes.iloc[0] // first.working_set)} at "
+        f"{human_size(first.dirty_rate)}/s; max-bandwidth {human_size(first.max_bandwidth)}/s; "
+        f"downtime-limit {int(first.downtime_limit)} ms"
+        if "working_set" in frame and first.get("working_set")
+        else ""
+    )
+    for n, (y, label) in enumerate(
+        (("pause_ms_events", "pause, STOP to RESUME (ms)"), ("total_ms", "total time (ms)"))
+    ):
+        ax = fig.add_subplot(1, 2, n + 1)
+        for mode in sorted(frame["mode"].unique()):
+            sub = frame[(frame["mode"] == mode) & frame[y].notna()]
+            med = sub.groupby("ram_bytes")[y].median()
+            ax.plot(med.index.to_numpy(dtype=float) / (1 << 20), med.to_numpy(), marker="o", label=mode)
+        ax.set_xlabel("guest RAM (MiB)")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.set_xlim(left=0)
+        ax.legend()
+    fig.suptitle(f"normal against cpr-transfer by guest RAM\n{conditions}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def plot_main_bytes(frame, by: str = "mode"):
-    """Bytes on the main channel per group (median), on a log scale: hundreds of bytes next to gigabytes."""
+    """Bytes on the main channel per group (median), on a linear scale with each bar labelled in human units:
+    a few KiB next to hundreds of MiB is the point, and a log axis would hide how large the gap is."""
     from matplotlib.figure import Figure
 
     med = frame.groupby(by)["bytes_main"].median()
@@ -280,7 +369,7 @@ def plot_main_bytes(frame, by: str = "mode"):
     ax = fig.add_subplot()
     bars = ax.bar([str(i) for i in med.index], med.to_numpy(), color="tab:blue")
     ax.bar_label(bars, labels=[_human_bytes(v) for v in med.to_numpy()], fontsize=8)
-    ax.set_yscale("log")
+    ax.set_ylim(0, med.max() * 1.15 if med.max() > 0 else 1)
     ax.set_ylabel("bytes on the main channel")
     ax.set_xlabel(by)
     ax.set_title(f"main-channel bytes by {by}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-# The source's events in cpr-transfer, as QEMU 10.0.2 emitted them here (shared/reference/qemu-10-observed.md)
+# The source's events in cpr-transfer, as QEMU 10.0.2 emitted them here (docs/real-qemu-figures.md)
 CPR_TRANSFER_SOURCE_EVENTS = [
     "MIGRATION setup",
     "STOP",

@@ -26,7 +26,15 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 TIMEOUT = int(os.environ.get("LABKIT_NOTEBOOK_TIMEOUT", "90"))
 KERNEL_START = 30  # seconds on top of the cells' budget: kernel start and shutdown
-OWN = ("00-start-here", "01-memfd-and-fd-passing", "02-cpr-transfer-step-by-step", "06-real-qemu")
+OWN = (
+    "00-start-here",
+    "01-memfd-and-fd-passing",
+    "02-cpr-transfer-step-by-step",
+    "03-real-qemu-step-by-step",
+    "04-pause-time-normal-vs-cpr",
+    "05-blockers-and-failures",
+    "06-cpr-reboot",
+)
 
 
 def all_notebooks() -> list[Path]:
@@ -164,8 +172,8 @@ def test_notebook_runs_top_to_bottom(path: Path):
 
 @pytest.mark.timeout(TIMEOUT + KERNEL_START + 30)
 def test_real_qemu_notebook_stops_cleanly_without_qemu():
-    """Where QEMU 10 is missing, 06 explains how to install it and every later cell says it skipped."""
-    report = _run(NOTEBOOKS / "06-real-qemu.ipynb", env={"LABKIT_QEMU": "/nonexistent/qemu-system-x86_64"})
+    """Where QEMU 10 is missing, 03 explains how to install it and every later cell says it skipped."""
+    report = _run(NOTEBOOKS / "03-real-qemu-step-by-step.ipynb", env={"LABKIT_QEMU": "/nonexistent/qemu-system-x86_64"})
     assert "real QEMU 10: not available" in report["stdout"]
     assert "skipped: real QEMU 10 is not available here" in report["stdout"]
     assert "Phase:" not in report["stdout"]

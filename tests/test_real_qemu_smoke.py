@@ -1,7 +1,8 @@
 """Real QEMU 10: cpr-transfer and normal migration of labkit's guest, checked from outside the VM.
 
 This is the ground truth the emulated VM is measured against: the same command lines, QMP commands and
-event order as qemu-10-observed.md, with guest RAM verified page by page through the memfds.
+event order as QEMU 10.0.2 showed here (docs/real-qemu-figures.md), with guest RAM verified page by page
+through the memfds.
 Skipped where qemu-system-x86_64 >= 10 is absent (install it with scripts/install-qemu).
 """
 
@@ -211,7 +212,7 @@ def test_cpr_transfer_real_qemu(lab: Lab) -> None:
     info = _wait_migration(src)
     t_done = time.monotonic()
 
-    # Source events exactly as QEMU 10.0.2 did (qemu-10-observed.md).
+    # Source events exactly as QEMU 10.0.2 did (docs/real-qemu-figures.md).
     assert _gen_events(src) == CPR_TRANSFER_SOURCE_EVENTS
     assert src.cmd("query-status")["status"] == "postmigrate"
     deadline = time.monotonic() + 10

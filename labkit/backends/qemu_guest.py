@@ -133,7 +133,7 @@ def qemu_argv(
     bios: str | None = None,
     binary: str | None = None,
 ) -> list[str]:
-    """The command line seen working for cpr-transfer with QEMU 10.0.2 on the project's test host: q35 with
+    """The command line seen working for cpr-transfer on QEMU 10.0.2 (docs/real-qemu-figures.md): q35 with
     aux-ram-share=on and RAM in a shared memfd backend named ram0, no default devices, no display.
     `bios="/usr/share/qemu/qboot.rom"` boots in ~0.5 s instead of SeaBIOS's 5-8 s on a nested KVM host."""
     argv = [

@@ -1,0 +1,201 @@
+"""cpr-transfer stepped through STOP, device state and RESUME using only what QEMU itself lets a client hold.
+
+The Lab holds the emulator at any phase with its x-labkit-hold points, which real QEMU does not have. QEMU does
+offer two holds of its own: the `pause-before-switchover` capability parks the source in status
+`pre-switchover` (guest stopped, device state not yet sent) until `migrate-continue`, and `-S` keeps the
+destination `paused` after it has loaded the device state, until `cont`. Between the two, a learner sees the
+pause phase by phase on real QEMU too. The same calls drive the emulator, which implements both holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from labkit.backends import get_backend
+from labkit.config import GuestConfig, VMConfig, parse_size
+from labkit.machine import Machine
+from labkit.qmp import QMPCommandError
+
+
+@dataclass
+class Hold:
+    """One place the migration stands still: who holds it, and both processes as QMP reports them there."""
+
+    step: str
+    source_runstate: str | None
+    source_status: str | None
+    destination_runstate: str | None
+    destination_status: str | None
+    events_so_far: list[str]
+
+
+@dataclass
+class Walkthrough:
+    """What stepping one migration on QEMU's own holds showed: both command lines, every QMP exchange, and
+    the migration at each hold. `guest_verified` is the guest's own memory check on the destination."""
+
+    backend: str
+    argv: dict[str, list[str]] = field(default_factory=dict)
+    transcript: list[dict[str, Any]] = field(default_factory=list)
+    holds: list[Hold] = field(default_factory=list)
+    guest_verified: bool | None = None
+    error: str | None = None
+
+    def holds_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame([vars(h) for h in self.holds])
+
+    def transcript_text(self, width: int = 150) -> str:
+        """The QMP exchanges as `-> side: command` / `<- reply` lines, events as `<- side: EVENT`."""
+        lines = []
+        for t in self.transcript:
+            if "event" in t:
+                data = f" {json.dumps(t['data'])}" if t.get("data") else ""
+                lines.append(f"<- {t['to']:11s} event {t['event']}{data}"[:width])
+                continue
+            sent = json.dumps(
+                {"execute": t["execute"], **({"arguments": t["arguments"]} if t["arguments"] else {})}
+            )
+            lines.append(f"-> {t['to']:11s} {sent}"[:width])
+            lines.append(f"<- {t['to']:11s} {json.dumps(t['reply'])}"[:width])
+        return "\n".join(lines)
+
+
+class _Client:
+    """Sends QMP commands to both sides and writes each exchange, and each event as it is seen, to the
+    transcript, so the notebook shows exactly what a QMP client typed and what QEMU answered."""
+
+    def __init__(self, walk: Walkthrough):
+        self.walk = walk
+        self.seen: dict[str, int] = {}
+
+    def events(self, side: str, m: Machine) -> None:
+        new = list(m.events)[self.seen.get(side, 0) :]
+        self.seen[side] = self.seen.get(side, 0) + len(new)
+        for e in new:
+            self.walk.transcript.append({"to": side, "event": e.get("event"), "data": e.get("data", {})})
+
+    def cmd(self, side: str, m: Machine, execute: str, arguments: dict | None = None) -> Any:
+        self.events(side, m)
+        try:
+            reply: Any = m.cmd(execute, arguments, timeout=30)
+            shown = {"return": reply}
+        except QMPCommandError as e:
+            reply, shown = None, {"error": str(e)}
+        self.walk.transcript.append({"to": side, "execute": execute, "arguments": arguments, "reply": shown})
+        self.events(side, m)
+        return reply
+
+    def quietly(self, m: Machine, execute: str) -> Any:
+        """A poll that does not belong in the transcript (waiting for a status)."""
+        return m.cmd(execute, timeout=10)
+
+
+def _event_names(m: Machine | None) -> list[str]:
+    return [] if m is None else [e.get("event", "") for e in m.events if e.get("event") in ("STOP", "RESUME")]
+
+
+def _wait(what: str, ok, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def step_through_switchover(
+    backend: str = "qemu", ram: str | int = "256M", dirty_rate: str | int = "32M", timeout: float = 60.0
+) -> Walkthrough:
+    """Run one cpr-transfer with the source's `pause-before-switchover` and the destination's `-S`, holding
+    at each: source stopped with device state unsent; device state loaded but guest not resumed; resumed.
+    Both processes end before this returns."""
+    size = parse_size(ram, "m") if isinstance(ram, str) else ram
+    ops = get_backend(backend)
+    walk = Walkthrough(backend)
+    client = _Client(walk)
+    src_cfg = VMConfig(name="source", ram=size, guest=GuestConfig(dirty_rate=parse_size(dirty_rate)))
+    src = Machine(src_cfg, backend)
+    dst: Machine | None = None
+    main = os.path.join(src.run_dir, "main.sock")
+    cpr = os.path.join(src.run_dir, "cpr.sock")
+    cpr_channel = {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": cpr}}
+    main_channel = {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": main}}
+
+    def hold(step: str) -> None:
+        def state(m: Machine | None) -> tuple[str | None, str | None]:
+            if m is None or not m.qmp.connected:
+                return None, None
+            return client.quietly(m, "query-status")["status"], client.quietly(m, "query-migrate").get(
+                "status"
+            )
+
+        (sr, ss), (dr, ds) = state(src), state(dst)
+        walk.holds.append(Hold(step, sr, ss, dr, ds, _event_names(src) + _event_names(dst)))
+
+    try:
+        src.launch(timeout=timeout)
+        walk.argv["source"] = list(src.argv)
+        ready = getattr(ops, "ready", None)
+        if ready is not None:
+            ready(src)  # real QEMU: the guest has booted and writes its RAM
+        caps = [
+            {"capability": "events", "state": True},
+            {"capability": "pause-before-switchover", "state": True},
+        ]
+        client.cmd("source", src, "migrate-set-capabilities", {"capabilities": caps})
+        client.cmd("source", src, "migrate-set-parameters", {"mode": "cpr-transfer"})
+        hold("source running, pause-before-switchover on")
+
+        dst_cfg = VMConfig(name="destination", ram=size, start_paused=True).with_incoming(
+            f"unix:{main}", cpr_channel
+        )
+        dst = Machine(dst_cfg, backend, run_dir=None)
+        dst.launch(connect=False, timeout=timeout)
+        walk.argv["destination"] = list(dst.argv)
+        _wait("the destination to listen on the cpr channel", lambda: os.path.exists(cpr), timeout)
+        hold("destination started with -S, waiting on the cpr channel (no monitor yet)")
+
+        client.cmd("source", src, "migrate", {"channels": [main_channel, cpr_channel]})
+        dst.connect(timeout)  # its monitor exists once it has loaded CPR state
+        client.cmd("destination", dst, "migrate-set-capabilities", {"capabilities": caps[:1]})
+        _wait(
+            "the source to reach pre-switchover",
+            lambda: client.quietly(src, "query-migrate").get("status") in ("pre-switchover", "failed"),
+            timeout,
+        )
+        client.cmd("source", src, "query-migrate")
+        hold("held by pause-before-switchover: source STOPped, device state not sent")
+
+        client.cmd("source", src, "migrate-continue", {"state": "pre-switchover"})
+        _wait(
+            "the source to complete",
+            lambda: client.quietly(src, "query-migrate").get("status") in ("completed", "failed"),
+            timeout,
+        )
+        _wait(
+            "the destination to load the device state",
+            lambda: client.quietly(dst, "query-migrate").get("status") in ("completed", "failed"),
+            timeout,
+        )
+        client.cmd("destination", dst, "query-status")
+        hold("held by -S: device state loaded, destination paused, no RESUME yet")
+
+        client.cmd("destination", dst, "cont")
+        _wait("the RESUME event", lambda: "RESUME" in _event_names(dst), timeout)
+        client.cmd("destination", dst, "query-status")
+        hold("cont: destination running (RESUME), source in postmigrate")
+        walk.guest_verified = bool(ops.verify(dst).get("ok"))
+        client.events("source", src)
+        client.events("destination", dst)
+    except (TimeoutError, ConnectionError, QMPCommandError, RuntimeError) as e:
+        walk.error = f"{type(e).__name__}: {e}"
+    finally:
+        if dst is not None:
+            dst.shutdown(timeout=5)
+        src.shutdown(timeout=5)
+    return walk

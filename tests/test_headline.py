@@ -1,0 +1,34 @@
+"""The headline's runs and the mid-migration rescue, on real emulated VMs (no timing asserted: the figures
+themselves are `labkit bench`'s business)."""
+
+from __future__ import annotations
+
+import pytest
+
+from labkit.config import parse_size
+from labkit.sweeps import HEADLINE, headline_sweep, plot_headline, watch_precopy
+
+
+@pytest.mark.timeout(240)
+def test_headline_sweep_runs_each_mode_with_a_hot_set_of_a_quarter_of_ram():
+    frame = headline_sweep(("32M", "64M"), progress=False)
+    assert sorted(frame["mode"]) == ["cpr-transfer", "cpr-transfer", "normal", "normal"]
+    assert (frame["working_set"] == frame["ram_bytes"] // 4).all()
+    assert (frame["max_bandwidth"] == parse_size(HEADLINE["max_bandwidth"])).all()
+    assert (frame["status"] == "completed").all() and frame["guest_verified"].all()
+    fig = plot_headline(frame)
+    assert [ax.get_yscale() for ax in fig.axes] == ["linear", "linear"]
+    assert all(ax.get_ylim()[0] == 0 for ax in fig.axes)
+
+
+@pytest.mark.timeout(120)
+def test_a_guest_that_never_converges_is_rescued_by_raising_max_bandwidth_mid_migration():
+    watch = watch_precopy(
+        ram="64M", dirty_rate="256M", max_bandwidth="128M", passes=3, rescue={"max-bandwidth": "2G"}, timeout=60
+    )
+    assert watch.rescued_at_s is not None  # three passes did not finish it: 64 MiB at 128 MiB/s is 500 ms > 300
+    before = watch.samples[~watch.samples["rescued"]]
+    after = watch.samples[watch.samples["rescued"]]
+    assert (before["status"] == "active").all()
+    assert (after["max_bandwidth_MiB_s"] == 2048).all()
+    assert watch.converged and after["status"].iloc[-1] == "completed"

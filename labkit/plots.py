@@ -81,9 +81,9 @@ def plot_timeline(result: Result) -> Figure:
     over.axvspan(*window, facecolor="none", edgecolor="black", linestyle="--", linewidth=1.2)
     over.set_title(f"migration timeline: {conditions(result)}\nthe whole run (dashed box: enlarged below)",
                    fontsize=10)  # fmt: skip
-    over.set_xlabel("ms since the first event")
+    over.set_xlabel("time (ms since the first event)")
     mig.set_xlim(*window)
-    mig.set_xlabel("ms since the first event")
+    mig.set_xlabel("time (ms since the first event)")
     mig.set_title("the migration, from the `migrate` command on", fontsize=10)
     mig.legend(list(seen.values()), list(seen.keys()), loc="upper left", bbox_to_anchor=(1.01, 1.0),
                fontsize=8, title="markers", title_fontsize=8)  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -191,6 +192,8 @@ _STEPS: tuple[tuple[str, str, str, str], ...] = (
     ("destination", "checkpoint", "dst-precopy-loadvm-completed", "device-in"),
     ("destination", "RESUME", "", "RESUME"),
     ("source", "MIGRATION", "completed", "completed"),
+    ("source", "process", "quit", "quit"),
+    ("destination", "MIGRATION", "setup", "incoming"),
 )
 # messages: (sent step, received step, label, channel); notes: (step, label)
 _MESSAGES = (
@@ -199,8 +202,8 @@ _MESSAGES = (
     ("shut-wr", None, "SHUT_WR: source half-closes, waits for the hang-up", "cpr"),
     ("hup", "hup-in", "hang-up (HUP): RAM mapped, destination listens on main", "cpr"),
     ("main-connect", "main-accept", "main channel: connect", "main"),
-    ("pass", None, "RAM pages, pre-copy pass {passes}", "main"),
-    ("device", "device-in", "device state (and the last dirty pages), {main}", "main"),
+    ("pass", None, "RAM pages", "main"),
+    ("device", "device-in", "device state", "main"),
 )
 _NOTES = {
     "migrate": ("source", "`migrate` (QMP)"),
@@ -208,6 +211,8 @@ _NOTES = {
     "STOP": ("source", "STOP: vCPUs paused"),
     "RESUME": ("destination", "RESUME: guest runs here"),
     "completed": ("source", "MIGRATION completed (source: postmigrate)"),
+    "quit": ("source", "the source process exits"),
+    "incoming": ("destination", "MIGRATION setup: incoming starts"),
 }
 _CHANNEL_COLOURS = {"cpr": "tab:green", "main": "tab:blue"}
 
@@ -221,6 +226,49 @@ def _step_times(result: Result) -> dict[str, list[float]]:
     return times
 
 
+def _size_of(result: Result, channel: str) -> str:
+    n = (result.bytes or {}).get(channel)
+    return "size not measured on this backend" if n is None else _human(n)
+
+
+def _unrecorded_steps(result: Result, at: dict[str, list[float]]) -> str:
+    """The cpr channel's steps a cpr-transfer run has no mark for (QEMU has no trace point at SHUT_WR or at
+    the hang-up), named so that a reader knows the gap is in the record, not in the protocol."""
+    if result.mode != "cpr-transfer":
+        return ""
+    names = {"shut-wr": "SHUT_WR", "hup": "the hang-up (HUP)", "fds": "the send of the fds"}
+    gone = [text for step, text in names.items() if step not in at and not (step == "hup" and "hup-in" in at)]
+    if not gone:
+        return ""
+    why = " (QEMU has no trace point there)" if result.backend == "qemu" else ""
+    return ", ".join(gone) + why
+
+
+def _message_label(result: Result, step: str, label: str, at: dict[str, list[float]]) -> str | None:
+    """A message's label for this run's mode, with its sizes; None when the mode sends no such message."""
+    stop = at.get("STOP", [None])[0]
+    passes = at.get("pass", [])
+    running = [t for t in passes if stop is None or t < stop]  # passes that began before the guest paused
+    if step == "pass":
+        if result.mode == "cpr-transfer" or not passes:
+            return None
+        if result.mode == "cpr-reboot":
+            return f"RAM pages into the file, {len(passes)} pass(es), guest already paused"
+        if not running:
+            return None
+        return f"RAM pages, pre-copy pass(es) 1-{len(running)}, guest running; main channel in all: " + _size_of(
+            result, "main"
+        )
+    if step == "device":
+        if result.mode == "cpr-reboot":
+            return "device state via the file: the source writes it, a new process reads it"
+        if result.mode == "cpr-transfer":
+            return f"device state; main channel in all: {_size_of(result, 'main')}"
+        last = len(passes) - len(running)
+        return f"stop-and-copy: the last dirty pages ({last} pass(es)) and device state"
+    return label.format(cpr=_size_of(result, "cpr"), main=_size_of(result, "main"))
+
+
 def plot_sequence(result: Result) -> Figure:
     """A sequence diagram of this run, from its recorded timeline: source and destination as lifelines, a
     row per message on the cpr and main channels (arrows) and per STOP/RESUME (notes), in the order they
@@ -229,19 +277,12 @@ def plot_sequence(result: Result) -> Figure:
     t0 = _t0(result)
     at = _step_times(result)
     rows: list[tuple[float, str, object]] = []  # (time, kind, payload)
-    passes = at.get("pass", [])
     for sent, got, label, channel in _MESSAGES:
-        if sent not in at and (got is None or got not in at):
-            continue
-        if sent == "pass":
-            if result.mode == "cpr-transfer" or not passes:
-                continue
-            label = label.format(passes=f"1-{len(passes)}" if len(passes) > 1 else "1")
-        label = label.format(cpr=_human(result.bytes.get("cpr") or 0), main=_human(result.bytes.get("main") or 0))
         t_sent = at[sent][0] if sent in at else None
         t_got = at[got][0] if got is not None and got in at else None
-        if sent == "device" and result.mode == "cpr-reboot":
-            label = "state via a file: the source writes it, a new process reads it"
+        label = _message_label(result, sent, label, at)
+        if (t_sent is None and t_got is None) or label is None:
+            continue
         rows.append((t_sent if t_sent is not None else t_got, "message", (t_sent, t_got, label, channel)))
     for step, (side, label) in _NOTES.items():
         if step in at:
@@ -251,8 +292,10 @@ def plot_sequence(result: Result) -> Figure:
     fig = Figure(figsize=(10, 1.6 + 0.42 * max(n, 3)), layout="constrained")
     ax = fig.add_subplot()
     x_src, x_dst = 0.0, 1.0
-    for x in (x_src, x_dst):
-        ax.plot([x, x], [-0.6, n - 0.4], color="0.35", linewidth=1.5)
+    # a lifeline ends where its process exits (cpr-reboot's source quits before the new process starts)
+    quit_row = next((i for i, r in enumerate(rows) if r[1] == "note" and r[2][1].startswith("the source process")), None)
+    ax.plot([x_src, x_src], [-0.6, n - 0.4 if quit_row is None else quit_row], color="0.35", linewidth=1.5)
+    ax.plot([x_dst, x_dst], [-0.6, n - 0.4], color="0.35", linewidth=1.5)
     pause = _pause_window(result)
     stop_row = next((i for i, r in enumerate(rows) if r[1] == "note" and r[2][1].startswith("STOP")), None)
     resume_row = next((i for i, r in enumerate(rows) if r[1] == "note" and r[2][1].startswith("RESUME")), None)
@@ -262,7 +305,10 @@ def plot_sequence(result: Result) -> Figure:
         handles.append(Patch(color="red", alpha=0.12, label=f"guest paused: {pause[1] - pause[0]:.2f} ms"))
     used_channels = set()
     for i, (t, kind, payload) in enumerate(rows):
-        ax.text(-0.17, i, f"{t - t0:.2f}", ha="right", va="center", fontsize=8, family="monospace")
+        ax.text(-0.42, i, f"{t - t0:.2f}", ha="right", va="center", fontsize=8, family="monospace")
+        if i:
+            ax.text(-0.2, i, f"+{t - rows[i - 1][0]:.2f}", ha="right", va="center", fontsize=8,
+                    family="monospace", color="0.35")  # fmt: skip
         if kind == "message":
             t_sent, t_got, label, channel = payload
             colour = _CHANNEL_COLOURS[channel]
@@ -274,6 +320,8 @@ def plot_sequence(result: Result) -> Figure:
                 back = label.startswith("hang-up")
                 a, b = (x_dst, x_src) if back else (x_src, x_dst)
                 ax.annotate("", (b, i), (a, i), arrowprops={"arrowstyle": "-|>", "color": colour, "lw": 1.6})
+            if t_sent is not None and t_got is not None and abs(t_got - t_sent) >= 0.01:
+                label += f" (in at {t_got - t0:.2f})"
             ax.text(0.5, i - 0.08, label, ha="center", va="bottom", fontsize=8, color=colour)
         else:
             side, label = payload
@@ -283,13 +331,19 @@ def plot_sequence(result: Result) -> Figure:
             ax.text(x + dx, i, label, ha=ha, va="center", fontsize=8,
                     bbox={"boxstyle": "round,pad=0.2", "facecolor": "lightyellow", "edgecolor": "0.6"})  # fmt: skip
     for channel in sorted(used_channels):
-        text = {"cpr": "cpr channel (UNIX socket: fds, then hang-up)", "main": "main channel (migration stream)"}
+        main = "migration stream (into a file)" if result.mode == "cpr-reboot" else "main channel (migration stream)"
+        text = {"cpr": "cpr channel (UNIX socket: fds, then hang-up)", "main": main}
         handles.append(Line2D([], [], color=_CHANNEL_COLOURS[channel], label=text[channel]))
     handles.append(Line2D([], [], marker="s", color="black", linestyle="", label="QMP command or event"))
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    ax.set_xlim(-0.45, 1.15)
-    ax.set_ylim(n - 0.4, -1.2)
-    ax.text(-0.17, -0.9, "ms since\nfirst event", ha="right", va="center", fontsize=8)
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3), fontsize=8)
+    missing = _unrecorded_steps(result, at)
+    if missing:
+        ax.text(0.5, n - 0.1, f"not recorded by this run, so not drawn: {missing}", ha="center", va="top",
+                fontsize=7.5, color="0.35", wrap=True)  # fmt: skip
+    ax.set_xlim(-0.65, 1.2)
+    ax.set_ylim(n + (0.5 if missing else -0.4), -1.2)
+    ax.text(-0.42, -0.9, "ms since\nfirst event", ha="right", va="center", fontsize=8)
+    ax.text(-0.2, -0.9, "ms since\nthe row above", ha="right", va="center", fontsize=8, color="0.35")
     pids = result.pids or {}
     for x, side in ((x_src, "source"), (x_dst, "destination")):
         pid = pids.get(side)
@@ -308,7 +362,8 @@ def plot_address_space(mappings: Iterable[MappingRow], title: str = "guest RAM i
     fig = Figure(figsize=(9, 5), layout="constrained")
     ax = fig.add_subplot()
     inodes = sorted({r.inode for r in rows})
-    colour = {ino: f"C{i % 10}" for i, ino in enumerate(inodes)}
+    palette = [f"C{i}" for i in range(10)] if len(inodes) <= 10 else [matplotlib.colormaps["tab20"](i) for i in range(20)]
+    colour = {ino: palette[i % len(palette)] for i, ino in enumerate(inodes)}  # one colour per inode, if <= 20
     centre: dict[tuple[str, str], tuple[float, float, int]] = {}
     x_of = {"source": 0.0, "destination": 2.0}
     # one order for both sides: the source's address order (the destination's own may differ), so a line
@@ -324,7 +379,7 @@ def plot_address_space(mappings: Iterable[MappingRow], title: str = "guest RAM i
         y = 0.0
         for block in order:
             r = by_block.get(block)
-            h = max(2.2, np.log2(max(r.size if r else 4096, 4096)) - 11)
+            h = max(2.6, np.log2(max(r.size if r else 4096, 4096)) - 11)
             if r is not None:
                 ax.add_patch(
                     Rectangle((x_of[side], y), 1.0, h, facecolor=colour[r.inode], edgecolor="black", alpha=0.75)
@@ -346,7 +401,7 @@ def plot_address_space(mappings: Iterable[MappingRow], title: str = "guest RAM i
     ax.set_xlim(-0.2, 3.2)
     ax.set_ylim(-1.5, max([v[1] for v in centre.values()] + [1]) + 3)
     ax.axis("off")
-    ax.set_title(f"{title}: {shared} of {len(order)} block(s) share an inode across the two processes")
+    ax.set_title(f"{title}\n{shared} of {len(order)} block(s) share an inode across the two processes", fontsize=11)
     if shared:
         point = ("A line joins a block to itself: the same inode on both sides is the same memory, mapped by "
                  "the new process at a new address.")  # fmt: skip

@@ -129,7 +129,7 @@ def render_all(results, tmp_path, prefix: str) -> list[str]:
         for kind, fig in (
             ("timeline", plots.plot_timeline(r)),
             ("sequence", plots.plot_sequence(r)),
-            ("address-space", plots.plot_address_space(r.mappings, f"{mode}: guest RAM")),
+            ("address-space", plots.plot_address_space(r.mappings, f"guest RAM: {plots.conditions(r)}")),
             ("passes", plots.plot_passes(r)),
         ):
             name = f"{prefix}-{kind}-{mode}"

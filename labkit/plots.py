@@ -119,8 +119,9 @@ def _draw_marks(ax, result: Result, t0: float, lane: dict[str, int]) -> dict[str
         seen.setdefault(text, h)
     pause = _pause_window(result)
     if pause is not None:
+        # hatched, not filled: the phases behind it stay readable
         seen[f"guest paused, STOP -> RESUME: {pause[1] - pause[0]:.2f} ms"] = ax.axvspan(
-            pause[0] - t0, pause[1] - t0, color="red", alpha=0.5
+            pause[0] - t0, pause[1] - t0, facecolor="none", edgecolor="red", hatch="//", linewidth=1.0, alpha=0.7
         )
     return seen
 
@@ -133,7 +134,9 @@ def _pause_rows(result: Result) -> list:
     if pause is None or not marks:
         return []
     span = max(pause[1] - pause[0], 0.01)
-    lo, hi = pause[0] - 0.5 * span, pause[1] + 0.5 * span
+    # from the `migrate` command on: the source's own boot-time RESUME is no part of this pause
+    begun = next((r.t_ms for r in result.timeline if r.kind in ("qmp", "MIGRATION")), pause[0])
+    lo, hi = max(pause[0] - 0.5 * span, begun), pause[1] + 0.5 * span
     return [r for r in marks if lo <= r.t_ms <= hi and not r.detail.startswith("labkit-cpr")]
 
 
@@ -164,7 +167,7 @@ def _plot_pause_zoom(ax, result: Result, rows) -> None:
     ]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.set_xlabel("ms from the source's STOP event")
-    ax.set_title("zoom on the pause (the red band above): QEMU's checkpoints in order", fontsize=10)
+    ax.set_title("zoom on the pause (hatched red above): QEMU's checkpoints in order", fontsize=10)
 
 
 # -- the sequence diagram ------------------------------------------------------------------------------------

@@ -80,17 +80,31 @@ def plot_timeline(result: Result) -> Figure:
     over, mig = axes[0], axes[1]
     over.set_xlim(0, max(end, 1.0) * 1.01)
     over.axvspan(*window, facecolor="none", edgecolor="black", linestyle="--", linewidth=1.2)
-    over.set_title(f"migration timeline: {conditions(result)}\nthe whole run (dashed box: enlarged below)",
-                   fontsize=10)  # fmt: skip
+    over.set_title(
+        f"migration timeline: {conditions(result)}\nthe whole run (dashed box: enlarged below)", fontsize=10
+    )
     over.set_xlabel("time (ms since the first event)")
     mig.set_xlim(*window)
     mig.set_xlabel("time (ms since the first event)")
     mig.set_title("the migration, from the `migrate` command on", fontsize=10)
-    mig.legend(list(seen.values()), list(seen.keys()), loc="upper left", bbox_to_anchor=(1.01, 1.0),
-               fontsize=8, title="markers", title_fontsize=8)  # fmt: skip
+    mig.legend(
+        list(seen.values()),
+        list(seen.keys()),
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=8,
+        title="markers",
+        title_fontsize=8,
+    )
     if phases:
-        fig.legend(handles=phases, loc="outside lower center", ncols=2, fontsize=8, title="phases (bands)",
-                   title_fontsize=8)  # fmt: skip
+        fig.legend(
+            handles=phases,
+            loc="outside lower center",
+            ncols=2,
+            fontsize=8,
+            title="phases (bands)",
+            title_fontsize=8,
+        )
     if zoom:
         _plot_pause_zoom(axes[2], result, zoom)
     return fig
@@ -103,8 +117,15 @@ def _draw_phases(ax, result: Result, t0: float, end: float) -> list:
     handles = []
     for i, ph in enumerate(phases):
         stop = phases[i + 1].t_ms - t0 if i + 1 < len(phases) else end
-        handles.append(ax.axvspan(ph.t_ms - t0, max(stop, ph.t_ms - t0), color=PHASE_COLOURS[i % len(PHASE_COLOURS)],
-                                  alpha=0.15, label=f"phase {i + 1}: {ph.detail}"))  # fmt: skip
+        handles.append(
+            ax.axvspan(
+                ph.t_ms - t0,
+                max(stop, ph.t_ms - t0),
+                color=PHASE_COLOURS[i % len(PHASE_COLOURS)],
+                alpha=0.15,
+                label=f"phase {i + 1}: {ph.detail}",
+            )
+        )
     return handles
 
 
@@ -121,7 +142,13 @@ def _draw_marks(ax, result: Result, t0: float, lane: dict[str, int]) -> dict[str
     if pause is not None:
         # hatched, not filled: the phases behind it stay readable
         seen[f"guest paused, STOP -> RESUME: {pause[1] - pause[0]:.2f} ms"] = ax.axvspan(
-            pause[0] - t0, pause[1] - t0, facecolor="none", edgecolor="red", hatch="//", linewidth=1.0, alpha=0.7
+            pause[0] - t0,
+            pause[1] - t0,
+            facecolor="none",
+            edgecolor="red",
+            hatch="//",
+            linewidth=1.0,
+            alpha=0.7,
         )
     return seen
 
@@ -171,7 +198,7 @@ def _plot_pause_zoom(ax, result: Result, rows) -> None:
 
 
 # -- the sequence diagram ------------------------------------------------------------------------------------
-# (side, kind, detail prefix) -> the step it marks; both backends' names (labkit-vm's own "labkit-cpr-*" marks,
+# (side, kind, detail prefix) -> the step it marks; both backends' names (labkit-vm's "labkit-cpr-*" marks,
 # QEMU's trace points) map to the same steps, so one diagram reads both. A step the run did not record is
 # not drawn.
 _STEPS: tuple[tuple[str, str, str, str], ...] = (
@@ -259,8 +286,9 @@ def _message_label(result: Result, step: str, label: str, at: dict[str, list[flo
             return f"RAM pages into the file, {len(passes)} pass(es), guest already paused"
         if not running:
             return None
-        return f"RAM pages, pre-copy pass(es) 1-{len(running)}, guest running; main channel in all: " + _size_of(
-            result, "main"
+        return (
+            f"RAM pages, pre-copy pass(es) 1-{len(running)}, guest running; main channel in all: "
+            + _size_of(result, "main")
         )
     if step == "device":
         if result.mode == "cpr-reboot":
@@ -296,12 +324,16 @@ def plot_sequence(result: Result) -> Figure:
     ax = fig.add_subplot()
     x_src, x_dst = 0.0, 1.0
     # a lifeline ends where its process exits (cpr-reboot's source quits before the new process starts)
-    quit_row = next((i for i, r in enumerate(rows) if r[1] == "note" and r[2][1].startswith("the source process")), None)
+    quit_row = next(
+        (i for i, r in enumerate(rows) if r[1] == "note" and r[2][1].startswith("the source process")), None
+    )
     ax.plot([x_src, x_src], [-0.6, n - 0.4 if quit_row is None else quit_row], color="0.35", linewidth=1.5)
     ax.plot([x_dst, x_dst], [-0.6, n - 0.4], color="0.35", linewidth=1.5)
     pause = _pause_window(result)
     stop_row = next((i for i, r in enumerate(rows) if r[1] == "note" and r[2][1].startswith("STOP")), None)
-    resume_row = next((i for i, r in enumerate(rows) if r[1] == "note" and r[2][1].startswith("RESUME")), None)
+    resume_row = next(
+        (i for i, r in enumerate(rows) if r[1] == "note" and r[2][1].startswith("RESUME")), None
+    )
     handles = []
     if pause is not None and stop_row is not None and resume_row is not None:
         ax.axhspan(stop_row - 0.45, resume_row + 0.45, color="red", alpha=0.12)
@@ -310,15 +342,27 @@ def plot_sequence(result: Result) -> Figure:
     for i, (t, kind, payload) in enumerate(rows):
         ax.text(-0.42, i, f"{t - t0:.2f}", ha="right", va="center", fontsize=8, family="monospace")
         if i:
-            ax.text(-0.2, i, f"+{t - rows[i - 1][0]:.2f}", ha="right", va="center", fontsize=8,
-                    family="monospace", color="0.35")  # fmt: skip
+            ax.text(
+                -0.2,
+                i,
+                f"+{t - rows[i - 1][0]:.2f}",
+                ha="right",
+                va="center",
+                fontsize=8,
+                family="monospace",
+                color="0.35",
+            )
         if kind == "message":
             t_sent, t_got, label, channel = payload
             colour = _CHANNEL_COLOURS[channel]
             used_channels.add(channel)
             if t_got is None and label.startswith("SHUT_WR"):  # EOF reaches the reader: no receive mark
-                ax.annotate("", (x_dst - 0.02, i), (x_src, i),
-                            arrowprops={"arrowstyle": "-|>", "color": colour, "linestyle": "--"})  # fmt: skip
+                ax.annotate(
+                    "",
+                    (x_dst - 0.02, i),
+                    (x_src, i),
+                    arrowprops={"arrowstyle": "-|>", "color": colour, "linestyle": "--"},
+                )
             else:
                 back = label.startswith("hang-up")
                 a, b = (x_dst, x_src) if back else (x_src, x_dst)
@@ -331,18 +375,37 @@ def plot_sequence(result: Result) -> Figure:
             x, ha, dx = (x_src, "left", 0.02) if side == "source" else (x_dst, "right", -0.02)
             marker = "v" if label.startswith("STOP") else "^" if label.startswith("RESUME") else "s"
             ax.plot(x, i, marker=marker, color="black", markersize=7)
-            ax.text(x + dx, i, label, ha=ha, va="center", fontsize=8,
-                    bbox={"boxstyle": "round,pad=0.2", "facecolor": "lightyellow", "edgecolor": "0.6"})  # fmt: skip
+            ax.text(
+                x + dx,
+                i,
+                label,
+                ha=ha,
+                va="center",
+                fontsize=8,
+                bbox={"boxstyle": "round,pad=0.2", "facecolor": "lightyellow", "edgecolor": "0.6"},
+            )
     for channel in sorted(used_channels):
-        main = "migration stream (into a file)" if result.mode == "cpr-reboot" else "main channel (migration stream)"
+        main = (
+            "migration stream (into a file)"
+            if result.mode == "cpr-reboot"
+            else "main channel (migration stream)"
+        )
         text = {"cpr": "cpr channel (UNIX socket: fds, then hang-up)", "main": main}
         handles.append(Line2D([], [], color=_CHANNEL_COLOURS[channel], label=text[channel]))
     handles.append(Line2D([], [], marker="s", color="black", linestyle="", label="QMP command or event"))
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3), fontsize=8)
     missing = _unrecorded_steps(result, at)
     if missing:
-        ax.text(0.5, n - 0.1, f"not recorded by this run, so not drawn: {missing}", ha="center", va="top",
-                fontsize=7.5, color="0.35", wrap=True)  # fmt: skip
+        ax.text(
+            0.5,
+            n - 0.1,
+            f"not recorded by this run, so not drawn: {missing}",
+            ha="center",
+            va="top",
+            fontsize=7.5,
+            color="0.35",
+            wrap=True,
+        )
     ax.set_xlim(-0.65, 1.2)
     ax.set_ylim(n + (0.5 if missing else -0.4), -1.2)
     ax.text(-0.42, -0.9, "ms since\nfirst event", ha="right", va="center", fontsize=8)
@@ -350,8 +413,15 @@ def plot_sequence(result: Result) -> Figure:
     pids = result.pids or {}
     for x, side in ((x_src, "source"), (x_dst, "destination")):
         pid = pids.get(side)
-        ax.text(x, -0.9, f"{side}" + (f" (pid {pid})" if pid else ""), ha="center", va="center",
-                fontsize=9, weight="bold")  # fmt: skip
+        ax.text(
+            x,
+            -0.9,
+            f"{side}" + (f" (pid {pid})" if pid else ""),
+            ha="center",
+            va="center",
+            fontsize=9,
+            weight="bold",
+        )
     ax.axis("off")
     ax.set_title(f"sequence: {conditions(result)}")
     return fig
@@ -365,16 +435,25 @@ def plot_address_space(mappings: Iterable[MappingRow], title: str = "guest RAM i
     fig = Figure(figsize=(9, 5), layout="constrained")
     ax = fig.add_subplot()
     inodes = sorted({r.inode for r in rows})
-    palette = [f"C{i}" for i in range(10)] if len(inodes) <= 10 else [matplotlib.colormaps["tab20"](i) for i in range(20)]
-    colour = {ino: palette[i % len(palette)] for i, ino in enumerate(inodes)}  # one colour per inode, if <= 20
+    palette = (
+        [f"C{i}" for i in range(10)]
+        if len(inodes) <= 10
+        else [matplotlib.colormaps["tab20"](i) for i in range(20)]
+    )
+    colour = {
+        ino: palette[i % len(palette)] for i, ino in enumerate(inodes)
+    }  # one colour per inode, if <= 20
     centre: dict[tuple[str, str], tuple[float, float, int]] = {}
     x_of = {"source": 0.0, "destination": 2.0}
     # one order for both sides: the source's address order (the destination's own may differ), so a line
     # joining a block to itself never crosses another
     order: list[str] = []
     for side in SIDES:
-        order += [r.block for r in sorted((r for r in rows if r.side == side), key=lambda r: r.start)
-                  if r.block not in order]  # fmt: skip
+        order += [
+            r.block
+            for r in sorted((r for r in rows if r.side == side), key=lambda r: r.start)
+            if r.block not in order
+        ]
     for side in SIDES:
         by_block = {r.block: r for r in rows if r.side == side}
         # addresses are far apart: stack blocks in one order with heights by log size, labelled with their
@@ -385,7 +464,9 @@ def plot_address_space(mappings: Iterable[MappingRow], title: str = "guest RAM i
             h = max(2.6, np.log2(max(r.size if r else 4096, 4096)) - 11)
             if r is not None:
                 ax.add_patch(
-                    Rectangle((x_of[side], y), 1.0, h, facecolor=colour[r.inode], edgecolor="black", alpha=0.75)
+                    Rectangle(
+                        (x_of[side], y), 1.0, h, facecolor=colour[r.inode], edgecolor="black", alpha=0.75
+                    )
                 )
                 if h >= 3:  # room for three lines
                     label = f"{r.block}\n{r.start:#x}\n{_human(r.size)}, inode {r.inode}"
@@ -404,15 +485,26 @@ def plot_address_space(mappings: Iterable[MappingRow], title: str = "guest RAM i
     ax.set_xlim(-0.2, 3.2)
     ax.set_ylim(-1.5, max([v[1] for v in centre.values()] + [1]) + 3)
     ax.axis("off")
-    ax.set_title(f"{title}\n{shared} of {len(order)} block(s) share an inode across the two processes", fontsize=11)
+    ax.set_title(
+        f"{title}\n{shared} of {len(order)} block(s) share an inode across the two processes", fontsize=11
+    )
     if shared:
-        point = ("A line joins a block to itself: the same inode on both sides is the same memory, mapped by "
-                 "the new process at a new address.")  # fmt: skip
+        point = (
+            "A line joins a block to itself: the same inode on both sides is the same memory, mapped by "
+            "the new process at a new address."
+        )
     else:
-        point = "No line: no block shares an inode, so the destination's RAM is new memory the pages were copied into."
-    fig.text(0.5, 0.01, f"{point}\nColour = inode (one colour per memory file); blocks in the same order on "
-             "both sides; height grows with the log of the size.", ha="center", va="bottom", fontsize=8.5,
-             wrap=True)  # fmt: skip
+        point = "No line: no block shares an inode; the destination's RAM is new memory the pages were copied into."
+    fig.text(
+        0.5,
+        0.01,
+        f"{point}\nColour = inode (one colour per memory file); blocks in the same order on "
+        "both sides; height grows with the log of the size.",
+        ha="center",
+        va="bottom",
+        fontsize=8.5,
+        wrap=True,
+    )
     fig.get_layout_engine().set(h_pad=0.1, rect=(0, 0.08, 1, 0.92))
     return fig
 
@@ -428,8 +520,13 @@ def plot_passes(result: Result) -> Figure:
     ax.set_xlabel("pass")
     ax.set_ylabel("MiB of pages sent")
     ax.set_xticks(x)
-    ax.legend(handles=[Patch(color="tab:blue", label="pre-copy pass, guest running"),
-                       Patch(color="tab:red", label="stop-and-copy, guest paused")], fontsize=8)  # fmt: skip
+    ax.legend(
+        handles=[
+            Patch(color="tab:blue", label="pre-copy pass, guest running"),
+            Patch(color="tab:red", label="stop-and-copy, guest paused"),
+        ],
+        fontsize=8,
+    )
     ax.set_title(f"pages sent per pass\n{conditions(result)}", fontsize=10)
     return fig
 
@@ -528,7 +625,9 @@ def plot_precopy_model(
     ax.set_ylabel("total migration time (ms)")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
-    ax.set_title(f"pre-copy model: total time against dirty rate\n{_human(ram)} guest RAM, "
-                 f"{_human(bandwidth)}/s bandwidth, {downtime_limit_s * 1000:g} ms downtime limit",
-                 fontsize=10)  # fmt: skip
+    ax.set_title(
+        f"pre-copy model: total time against dirty rate\n{_human(ram)} guest RAM, "
+        f"{_human(bandwidth)}/s bandwidth, {downtime_limit_s * 1000:g} ms downtime limit",
+        fontsize=10,
+    )
     return fig

@@ -242,13 +242,13 @@ def plot_reference(frame, y: str = "pause_ms_events") -> list[tuple[Any, str]]:
         low = sub[sub["dirty_rate"] == sub["dirty_rate"].min()]
         if low["ram_bytes"].nunique() > 1:
             rate = int(low["dirty_rate"].iloc[0])
-            out.append(
-                (plot_pause(low, x="ram_bytes", y=y), f"{label}{y} against RAM size, dirty rate {rate} B/s")
-            )
+            caption = f"{label}{y} against RAM size, dirty rate {_human_bytes(rate)}/s"
+            out.append((plot_pause(low, x="ram_bytes", y=y), caption))
         big = sub[sub["ram_bytes"] == sub["ram_bytes"].max()]
         if big["dirty_rate"].nunique() > 1:
             ram = int(big["ram_bytes"].iloc[0])
-            out.append((plot_pause(big, x="dirty_rate", y=y), f"{label}{y} against dirty rate, RAM {ram} B"))
+            caption = f"{label}{y} against dirty rate, RAM {_human_bytes(ram)}"
+            out.append((plot_pause(big, x="dirty_rate", y=y), caption))
         if len(out) == drawn:
             out.append((None, f"{label}only one RAM size and one dirty rate: nothing to draw a line through"))
     return out

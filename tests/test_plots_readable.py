@@ -49,8 +49,11 @@ def text_problems(fig) -> list[str]:
         for axis in (ax.xaxis, ax.yaxis):
             if ax.axison and axis.get_visible():  # ax.axis("off") hides the ticks, not their Text objects
                 tick_ids |= _shown_ticks(axis)
-            all_tick_ids |= {id(t) for tick in axis.get_major_ticks() + axis.get_minor_ticks()
-                             for t in (tick.label1, tick.label2)}  # fmt: skip
+            all_tick_ids |= {
+                id(t)
+                for tick in axis.get_major_ticks() + axis.get_minor_ticks()
+                for t in (tick.label1, tick.label2)
+            }
     texts = []
     for t in fig.findobj(Text):
         if not t.get_visible() or not t.get_text().strip():
@@ -63,13 +66,20 @@ def text_problems(fig) -> list[str]:
     problems = []
     page = fig.bbox
     for t, box in texts:
-        if box.x0 < page.x0 - SLACK_PX or box.y0 < page.y0 - SLACK_PX or box.x1 > page.x1 + SLACK_PX or (
-            box.y1 > page.y1 + SLACK_PX
+        if (
+            box.x0 < page.x0 - SLACK_PX
+            or box.y0 < page.y0 - SLACK_PX
+            or box.x1 > page.x1 + SLACK_PX
+            or (box.y1 > page.y1 + SLACK_PX)
         ):
             problems.append(f"leaves the figure: {t.get_text()!r}")
         clip = t.get_clip_box() if t.get_clip_on() else None
-        if clip is not None and (box.x0 < clip.x0 - SLACK_PX or box.x1 > clip.x1 + SLACK_PX or
-                                 box.y0 < clip.y0 - SLACK_PX or box.y1 > clip.y1 + SLACK_PX):  # fmt: skip
+        if clip is not None and (
+            box.x0 < clip.x0 - SLACK_PX
+            or box.x1 > clip.x1 + SLACK_PX
+            or box.y0 < clip.y0 - SLACK_PX
+            or box.y1 > clip.y1 + SLACK_PX
+        ):
             problems.append(f"clipped by its axes: {t.get_text()!r}")
     for (a, ba), (b, bb) in combinations(texts, 2):
         w = min(ba.x1, bb.x1) - max(ba.x0, bb.x0)
@@ -182,5 +192,7 @@ def test_overlap_check_can_fail():
 @pytest.mark.qemu
 @pytest.mark.skipif(qemu_missing() is not None, reason=f"{qemu_missing()}")
 def test_every_plot_kind_is_readable_qemu(tmp_path):
-    results = {m: migrate(backend="qemu", mode=m, ram="64M", dirty_rate="16M", max_bandwidth="1G") for m in MODES}
+    results = {
+        m: migrate(backend="qemu", mode=m, ram="64M", dirty_rate="16M", max_bandwidth="1G") for m in MODES
+    }
     render_all(results, tmp_path, "qemu")

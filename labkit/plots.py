@@ -494,7 +494,7 @@ def plot_address_space(mappings: Iterable[MappingRow], title: str = "guest RAM i
             "the new process at a new address."
         )
     else:
-        point = "No line: no block shares an inode; the destination's RAM is new memory the pages were copied into."
+        point = "No line: no block shares an inode; the destination's RAM is new memory, the pages copied in."
     fig.text(
         0.5,
         0.01,

@@ -539,7 +539,7 @@ _MEASURES = {
 }
 
 
-def _frame_conditions(frame, x: str) -> str:
+def frame_conditions(frame, x: str) -> str:
     """What the runs in a frame held constant, in human units (the x axis says what varied)."""
     parts = []
     if "backend" in frame and frame["backend"].nunique() == 1:
@@ -587,7 +587,7 @@ def plot_pause(
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
     against = {"ram_bytes": "guest RAM", "dirty_rate": "dirty rate"}.get(x, x)
-    held = _frame_conditions(frame, x)
+    held = frame_conditions(frame, x)
     ax.set_title(title or f"{measure} against {against} by mode" + (f"\n{held}" if held else ""), fontsize=10)
     return fig
 

@@ -277,12 +277,15 @@ def plot_main_bytes(frame, by: str = "mode"):
     med = frame.groupby(by)["bytes_main"].median()
     fig = Figure(figsize=(6, 3.2))
     ax = fig.add_subplot()
-    bars = ax.bar([str(i) for i in med.index], med.to_numpy(), color="tab:blue")
+    bars = ax.bar([str(i) for i in med.index], med.to_numpy() / (1 << 20), color="tab:blue")
     ax.bar_label(bars, labels=[_human_bytes(v) for v in med.to_numpy()], fontsize=8)
     ax.margins(y=0.15)  # room for the labels
-    ax.set_ylabel("bytes on the main channel")
+    ax.set_ylabel("MiB on the main channel (median)")
     ax.set_xlabel(by)
-    ax.set_title(f"main-channel bytes by {by}")
+    from labkit.plots import frame_conditions
+
+    held = frame_conditions(frame, x="")
+    ax.set_title(f"main-channel bytes by {by}" + (f"\n{held}" if held else ""), fontsize=10)
     fig.tight_layout()
     return fig
 

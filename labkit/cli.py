@@ -172,7 +172,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     figures = {}
     for r in rows:
         figures[f"timeline-{r.mode}.png"] = plots.plot_timeline(r)
-        figures[f"address-space-{r.mode}.png"] = plots.plot_address_space(r.mappings, f"{r.mode}: guest RAM")
+        figures[f"sequence-{r.mode}.png"] = plots.plot_sequence(r)
+        figures[f"address-space-{r.mode}.png"] = plots.plot_address_space(r.mappings, f"guest RAM: {plots.conditions(r)}")
     normal = next(r for r in rows if r.mode == "normal")
     figures["passes-normal.png"] = plots.plot_passes(normal)
     frame = concat(rows)

@@ -234,7 +234,7 @@ def plot_pause_breakdown(segments: pd.DataFrame, summary: pd.DataFrame, note: st
     from matplotlib.patches import Patch
 
     done = summary[summary.status == "completed"]
-    fig = Figure(figsize=(10, 0.55 * max(len(done), 1) + 1.9))
+    fig = Figure(figsize=(10, 0.55 * max(len(done), 1) + 2.4), layout="constrained")
     ax = fig.add_subplot()
     labels = []
     for y, row in enumerate(done.itertuples()):
@@ -276,10 +276,9 @@ def plot_pause_breakdown(segments: pd.DataFrame, summary: pd.DataFrame, note: st
     ax.set_xlabel("ms after the source's STOP (the pause runs from 0 to the destination's RESUME)")
     handles = [Patch(color=c, label=f"pause: {w}") for w, c in WHERE_COLOURS.items()]
     handles.append(Patch(facecolor="none", edgecolor="black", hatch="////", label="new process start-up"))
-    ax.legend(handles=handles, loc="lower right", fontsize=8)
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # off the bars
     title = "Where the pause goes, and where each mode starts its new process"
     ax.set_title(title + (f"\n{textwrap.fill(note, 120)}" if note else ""), fontsize=9)
-    fig.tight_layout()
     return fig
 
 

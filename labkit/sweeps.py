@@ -295,13 +295,13 @@ def plot_reference(frame, y: str = "pause_ms_events") -> list[tuple[Any, str]]:
         low = sub[sub["dirty_rate"] == sub["dirty_rate"].min()]
         if low["ram_bytes"].nunique() > 1:
             rate = int(low["dirty_rate"].iloc[0])
-            out.append(
-                (plot_pause(low, x="ram_bytes", y=y), f"{label}{y} against RAM size, dirty rate {rate} B/s")
-            )
+            caption = f"{label}{y} against RAM size, dirty rate {_human_bytes(rate)}/s"
+            out.append((plot_pause(low, x="ram_bytes", y=y), caption))
         big = sub[sub["ram_bytes"] == sub["ram_bytes"].max()]
         if big["dirty_rate"].nunique() > 1:
             ram = int(big["ram_bytes"].iloc[0])
-            out.append((plot_pause(big, x="dirty_rate", y=y), f"{label}{y} against dirty rate, RAM {ram} B"))
+            caption = f"{label}{y} against dirty rate, RAM {_human_bytes(ram)}"
+            out.append((plot_pause(big, x="dirty_rate", y=y), caption))
         if len(out) == drawn:
             out.append((None, f"{label}only one RAM size and one dirty rate: nothing to draw a line through"))
     return out
@@ -317,10 +317,8 @@ def plot_total(frame, x: str = "ram_bytes"):
     """Total migration time (migrate to completed) per mode, drawn like plot_pause."""
     from labkit.plots import plot_pause
 
-    fig = plot_pause(frame, x=x, y="total_ms")
-    ax = fig.axes[0]
-    ax.set_ylabel("total time (ms, migrate to completed)")
-    ax.set_title("total migration time by mode")
+    fig = plot_pause(frame, x=x, y="total_ms")  # its title names the measure and the runs' conditions
+    fig.axes[0].set_ylabel("total time (ms, migrate to completed)")
     return fig
 
 
@@ -360,19 +358,22 @@ def plot_headline(frame):
 
 
 def plot_main_bytes(frame, by: str = "mode"):
-    """Bytes on the main channel per group (median), on a linear scale with each bar labelled in human units:
-    a few KiB next to hundreds of MiB is the point, and a log axis would hide how large the gap is."""
+    """Bytes on the main channel per group (median), on a linear axis with each bar labelled in human units:
+    hundreds of bytes next to gigabytes read from the labels (a log axis would make them look alike)."""
     from matplotlib.figure import Figure
 
     med = frame.groupby(by)["bytes_main"].median()
     fig = Figure(figsize=(6, 3.2))
     ax = fig.add_subplot()
-    bars = ax.bar([str(i) for i in med.index], med.to_numpy(), color="tab:blue")
+    bars = ax.bar([str(i) for i in med.index], med.to_numpy() / (1 << 20), color="tab:blue")
     ax.bar_label(bars, labels=[_human_bytes(v) for v in med.to_numpy()], fontsize=8)
-    ax.set_ylim(0, med.max() * 1.15 if med.max() > 0 else 1)
-    ax.set_ylabel("bytes on the main channel")
+    ax.margins(y=0.15)  # room for the labels
+    ax.set_ylabel("MiB on the main channel (median)")
     ax.set_xlabel(by)
-    ax.set_title(f"main-channel bytes by {by}")
+    from labkit.plots import frame_conditions
+
+    held = frame_conditions(frame, x="")
+    ax.set_title(f"main-channel bytes by {by}" + (f"\n{held}" if held else ""), fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -142,7 +142,8 @@ def test_plots_render_with_expected_artists(tmp_path):
     fig = plots.plot_timeline(r)
     ax = fig.axes[0]
     assert "timeline" in ax.get_title() and ax.get_xlabel().startswith("time (ms")
-    assert any("paused" in t.get_text() for t in ax.get_legend().get_texts())
+    legends = [a.get_legend() for a in fig.axes if a.get_legend() is not None]
+    assert any("paused" in t.get_text() for lg in legends for t in lg.get_texts())
     fig = plots.plot_address_space(r.mappings)
     assert len(fig.axes[0].patches) == len(r.mappings)
     fig = plots.plot_passes(r)

@@ -19,6 +19,9 @@ from labkit.vm.migration.cpr_exec import IGNORED_CHANNEL_TEXT, cpr_exec_has_stat
 from labkit.vm.options import PROG, USAGE, HelpRequested, OptionError, parse_args
 from labkit.vm.vm import VM
 
+# when the cpr channel was accepted and its state loaded; handed to the Migration once it exists
+CPR_MARKS: list[tuple[str, int]] = []
+
 
 def _error(message: str) -> int:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
@@ -33,6 +36,7 @@ def cpr_state_load_from_cmdline(raw: str, hold: bool = False):
     """
     _, channel = parse_incoming_option(raw)
     sock = cpr_transfer_input(channel)
+    CPR_MARKS.append(("labkit-cpr-accepted", time.monotonic_ns()))
     if hold:
         print(f"{PROG}: holding at cpr-load: CPR state not read yet (send SIGUSR1 to go on)", flush=True)
         signal.sigwait({signal.SIGUSR1})
@@ -50,6 +54,7 @@ def cpr_state_load_from_cmdline(raw: str, hold: bool = False):
             sock.close()
             raise CprError(f"unexpected cpr fd {f.name!r} id {f.id} (duplicate or non-zero id)")
         by_name[f.name] = f.fd
+    CPR_MARKS.append(("labkit-cpr-loaded", time.monotonic_ns()))
     return sock, by_name
 
 
@@ -105,7 +110,7 @@ def qemu_init(argv: list[str]) -> VM | int:
     incoming = "main" in opts.incoming
     vm = VM(opts, ram, incoming=incoming)
     if cpr_sock is not None:
-        vm.migration.incoming_cpr(cpr_sock)
+        vm.migration.incoming_cpr(cpr_sock, tuple(CPR_MARKS))
     if cpr_exec_state is not None:
         vm.migration.incoming_cpr_exec(cpr_exec_state)
     return vm

@@ -387,13 +387,17 @@ class MigrationState:
         """cpr_state_save(): connect the cpr channel, send every RAM fd, half-close to await the hang-up."""
         sock = cpr_transfer_output(channel)
         self.cpr_out = sock
+        self.checkpoint("labkit-cpr-connected")  # labkit's marks for the sequence diagram (labkit.plots)
         # cpr_save_fd() inserts at the head of its list: the block registered last goes first on the wire
         fds = [CprFd(name, 0, fd) for name, fd in reversed(self.vm.ram.cpr_fds())]
         self.bytes_cpr = cpr_state_save(sock, fds)
+        self.checkpoint("labkit-cpr-fds-sent")
         sock.shutdown(socket.SHUT_WR)
+        self.checkpoint("labkit-cpr-shut-wr")
 
     def _cpr_hup(self) -> None:
         """The destination closed the cpr channel (it listens on main now, or it died): finish."""
+        self.checkpoint("labkit-cpr-hup")
         self._close_cpr_out()
         if self.status == "setup":
             self.qmp_migrate_finish()
@@ -740,12 +744,16 @@ class MigrationState:
         return out
 
     # -- destination --------------------------------------------------------------------------------------
-    def incoming_cpr(self, sock: socket.socket) -> None:
-        """CPR state was loaded at start-up: remember the socket; closing it tells the source we listen."""
+    def incoming_cpr(self, sock: socket.socket, marks: tuple[tuple[str, int], ...] = ()) -> None:
+        """CPR state was loaded at start-up: remember the socket; closing it tells the source we listen.
+        `marks` are the start-up's own checkpoints (no Migration existed yet to record them)."""
         self.cpr_in = sock
         self.incoming_mode = "cpr-transfer"
+        self.checkpoints += list(marks)
 
     def cpr_state_close(self) -> None:
+        if isinstance(self.cpr_in, socket.socket) and self.cpr_in.fileno() >= 0:
+            self.checkpoint("labkit-cpr-closed")  # the hang-up the source waits for
         if self.cpr_in is not None:
             self.cpr_in.close()
             self.cpr_in = None

@@ -266,11 +266,11 @@ def test_labkit_vm_refuses_a_real_qemu_stream_at_the_first_section_it_does_not_m
         lines = [ln for ln in dst.log().splitlines() if ln.strip()]
     finally:
         dst.kill()
-    assert rc == 1 and len(lines) == 1, (rc, lines)
-    assert lines[0] == (
-        "labkit-vm: load of migration failed: Unknown savevm section or instance 'cpu_common' 0. Make sure that "
-        "your current VM setup matches your saved VM setup, including any hotplugged devices"
-    )
+    assert rc == 1 and lines == [  # QEMU's error_report() of the fault, then its fatal line with the errno
+        "labkit-vm: Unknown savevm section or instance 'cpu_common' 0. Make sure that your current VM setup "
+        "matches your saved VM setup, including any hotplugged devices",
+        "labkit-vm: load of migration failed: Invalid argument",
+    ], (rc, lines)
 
 
 # -- the emulator alone ------------------------------------------------------------------------------------
@@ -306,7 +306,7 @@ def test_inspector_refuses_bad_files_in_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.bin"
     bad.write_bytes(b"QEVX\0\0\0\3")
     assert main([str(bad)]) == 1
-    assert capsys.readouterr().err == "labkit stream-inspect: Not a migration stream (bad magic 51455658)\n"
+    assert capsys.readouterr().err == "labkit stream-inspect: Not a migration stream\n"
     assert main([str(tmp_path / "missing.bin")]) == 1
     assert capsys.readouterr().err.startswith("labkit stream-inspect: No such file or directory")
     # a device section the vmdesc does not describe cannot be sized: refused, named

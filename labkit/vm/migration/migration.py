@@ -4,7 +4,8 @@ Source, in the order QEMU 10.0.2 showed here (events capability on):
 
     normal        setup, PASS 1, active, PASS 2..n (one per exact bitmap sync: none when the first pass
                   ends within 100 ms), STOP, device, PASS n+1, completed
-    cpr-reboot    setup, STOP, PASS 1, active, device, PASS 2, completed      (main channel is a file)
+    cpr-reboot    setup, STOP, PASS 1, active, PASS 2..n (the same rule as normal), device, PASS n+1,
+                  completed                                                   (main channel is a file)
     cpr-transfer  setup, [CPR state sent over the cpr channel; `migrate` returns; guest still runs;
                   wait for the destination to hang up the cpr channel], STOP, PASS 1, active, device, PASS 2,
                   completed; no RAM pages at all, every block is ignored in this mode
@@ -553,8 +554,12 @@ class MigrationState:
         self._pass_event()
         self.t_active = time.monotonic()
         self._set_status("active")
-        if mode == "normal":
+        # migration_iteration_run(): pre-copy passes while RAM is pending, in cpr-reboot too (with the guest
+        # already stopped, so the first exact sync finds nothing new); cpr-transfer ignores every block, so with
+        # nothing pending it goes straight to completion, as QEMU does, without a PART section
+        if blocks:
             self._precopy_iterate(f, ram)
+        if mode == "normal":
             self.hold("switchover")
             self._stop_vm()
         # completion (migration_completion_precopy)

@@ -366,6 +366,8 @@ def scenario_cancel_and_parameters(run: Run) -> Observation:
         obs.checks[f"{name}.final-status"] = wait_status(src, FINAL)
         info = src.cmd("query-migrate")
         obs.checks[f"{name}.query-migrate@{info.get('status', 'none')}"] = members(info)
+        if "error-desc" in info:
+            obs.checks[f"{name}.error-desc"] = info["error-desc"]
         obs.checks[f"{name}.events"] = event_names(src.events[since:])
         if obs.checks[f"{name}.final-status"] != "completed":  # a cancelled migration restarts the guest
             deadline = time.monotonic() + 5

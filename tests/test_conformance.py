@@ -433,10 +433,11 @@ IDLE_NORMAL_EVENTS = [
 
 @pytest.mark.timeout(180)
 def test_a_first_pass_within_100_ms_skips_the_exact_sync():
-    """No bitmap sync before a 100 ms bandwidth window closes: a 4 MiB guest that barely writes goes from
-    its first pass straight to stop-and-copy, dirty-sync-count 2, on both (PASS runs not collapsed)."""
+    """No bitmap sync before a 100 ms bandwidth window closes: a 16 MiB guest (the lab's smallest) that barely
+    writes goes from its first pass straight to stop-and-copy, dirty-sync-count 2, on both (PASS runs not
+    collapsed)."""
     for backend in BACKENDS:
-        with Lab(backend=backend, mode="normal", ram="4M", dirty_rate="4K", max_bandwidth="10G") as lab:
+        with Lab(backend=backend, mode="normal", ram="16M", dirty_rate="4K", max_bandwidth="10G") as lab:
             r = lab.run()
             names = event_names(lab.ops.events(lab.src), collapse=False)
             events = lab.ops.events(lab.src)

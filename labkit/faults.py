@@ -82,7 +82,7 @@ FAULTS: tuple[FaultPoint, ...] = (
         "cpr-transfer",
         "main channel connected, guest stopped (source held at main-connected)",
         "the destination's end of the main channel is closed before the first byte (relay drops it)",
-        BEFORE + "; destination exits 1 with one line",
+        BEFORE + "; destination exits 1 naming the fault in QEMU's words",
     ),
     FaultPoint(
         "cpr-transfer/dst-killed-loading-devices",
@@ -110,7 +110,7 @@ FAULTS: tuple[FaultPoint, ...] = (
         "cpr-transfer",
         "main channel connected, nothing sent (source held at main-connected)",
         "SIGKILL the source",
-        "destination load fails: exits 1 with one line",
+        "destination load fails: exits 1 naming the fault in QEMU's words",
     ),
     # -- normal ------------------------------------------------------------------------------------------
     FaultPoint(
@@ -139,14 +139,14 @@ FAULTS: tuple[FaultPoint, ...] = (
         "normal",
         "pre-copy pass 1 running (1 MiB of RAM sent)",
         "the destination's end of the main channel is closed (relay drops it)",
-        BEFORE + "; destination exits 1 with one line",
+        BEFORE + "; destination exits 1 naming the fault in QEMU's words",
     ),
     FaultPoint(
         "normal/channel-closed-by-src-end",
         "normal",
         "pre-copy running at 8 MiB/s",
         "`migrate_cancel`: the source shuts its end of the channel down",
-        "source `cancelled`, guest runs on, memory intact; destination exits 1 with one line",
+        "source `cancelled`, guest runs on, memory intact; destination exits 1 naming the fault in QEMU's words",
     ),
     FaultPoint(
         "normal/dst-frozen-then-cancel",
@@ -174,7 +174,7 @@ FAULTS: tuple[FaultPoint, ...] = (
         "normal",
         "pre-copy converged (source held at switchover)",
         "SIGKILL the source",
-        "destination load fails: exits 1 with one line",
+        "destination load fails: exits 1 naming the fault in QEMU's words",
     ),
     # -- cpr-reboot --------------------------------------------------------------------------------------
     FaultPoint(
@@ -182,14 +182,14 @@ FAULTS: tuple[FaultPoint, ...] = (
         "cpr-reboot",
         "guest stopped, state file opened, nothing written (source held at main-connected)",
         "SIGKILL the source; restore the file in a new process",
-        "the restoring process exits 1 with one line",
+        "the restoring process exits 1 naming the fault in QEMU's words",
     ),
     FaultPoint(
         "cpr-reboot/truncated-state-file",
         "cpr-reboot",
         "state saved (source `completed`, not yet quit)",
         "truncate the state file to half, restore it in a new process",
-        "the restoring process exits 1 with one line; `cont` resumes the source, memory intact",
+        "the restoring process exits 1 naming the fault in QEMU's words; `cont` resumes the source, memory intact",
     ),
     FaultPoint(
         "cpr-reboot/dst-killed-before-resume",

@@ -475,7 +475,7 @@ class Lab(CprExecPhases):
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if m is not None and not m.alive():
-                self._failed(f"waiting for {what}: the process exited ({m.log().strip().splitlines()[-1:]})")
+                self._failed(f"waiting for {what}: the process exited ({m.exit_reason()})")
                 return
             try:
                 if cond():

@@ -10,6 +10,7 @@ import atexit
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,10 @@ from labkit.inspect import Mapping, read_maps
 from labkit.qmp import QMP
 
 PR_SET_PDEATHSIG = 1
+# The ISO time QEMU's `-msg timestamp=on` puts before each stderr message. The same pattern as
+# labkit.backends.qemu_trace.strip_msg_timestamps, kept here so that machine.py, which the backends build on,
+# imports nothing from them.
+_MSG_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z ")
 _live: weakref.WeakSet[Machine] = weakref.WeakSet()
 _live_lock = threading.Lock()
 
@@ -110,10 +115,12 @@ class Machine:
         return self
 
     def exit_reason(self) -> str | None:
-        """The VM's own last word (QEMU's or labkit-vm's one-line error) when it has exited, else None."""
+        """The VM's own last word (QEMU's or labkit-vm's one-line error) when it has exited, else None;
+        without the time `-msg timestamp=on` puts in front of QEMU's messages (the qemu backend turns it on
+        for its trace log), so it reads as QEMU prints it by default."""
         if self.proc is None or self.wait(2) is None:
             return None
-        lines = [ln.strip() for ln in self.log().splitlines() if ln.strip()]
+        lines = [_MSG_TIMESTAMP.sub("", ln.strip()) for ln in self.log().splitlines() if ln.strip()]
         return lines[-1] if lines else f"exit status {self.proc.returncode}"
 
     def connect(self, timeout: float = 30.0) -> None:

@@ -19,7 +19,7 @@ from helpers import CPR_TRANSFER_SOURCE_EVENTS
 from labkit.backends.qemu import QemuOps, parse_ramblocks, qemu_argv, qemu_missing, wall_to_monotonic_ns
 from labkit.config import GuestConfig, MiB, VMConfig
 from labkit.lab import Lab
-from labkit.machine import spawn
+from labkit.machine import VMStartError, spawn
 
 _MISSING = qemu_missing()
 pytestmark = [pytest.mark.qemu, pytest.mark.skipif(_MISSING is not None, reason=f"{_MISSING}")]
@@ -120,6 +120,18 @@ def test_ramblock_table_and_event_clock():
 
 # -- one real QEMU ----------------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
+def test_a_vm_that_does_not_start_is_named_in_qemus_words_without_the_trace_time(tmp_path):
+    """The qemu backend runs QEMU with `-msg timestamp=on` (for its trace log), which puts an ISO time in
+    front of every stderr line; the reason VMStartError gives is the line as QEMU prints it by default."""
+    (tmp_path / "vm").mkdir(mode=0o700)
+    with pytest.raises(VMStartError) as e:
+        spawn(VMConfig(ram=32 * MiB, memory_backend="epc"), "qemu", run_dir=str(tmp_path / "vm"))
+    log = (tmp_path / "vm" / "vm.log").read_text()
+    assert log.startswith("20") and "Z qemu-system-x86_64: invalid object type: memory-backend-epc" in log
+    assert str(e.value) == "the vm VM exited: qemu-system-x86_64: invalid object type: memory-backend-epc"
+
+
+@pytest.mark.timeout(60)
 def test_guest_stats_see_a_stop_as_a_gap_since_reset():
     ops = QemuOps()
     with spawn(VMConfig(name="g", ram=64 * MiB), backend="qemu") as m:
@@ -173,7 +185,7 @@ def test_qemu_dies_with_the_process_that_spawned_it():
     code = (
         "import sys, time\n"
         "from labkit.config import VMConfig\n"
-        "from labkit.machine import spawn\n"
+        "from labkit.machine import VMStartError, spawn\n"
         "m = spawn(VMConfig(name='orphan', ram=32 << 20), backend='qemu')\n"
         "print(m.pid, flush=True)\n"
         "time.sleep(60)\n"

@@ -197,7 +197,8 @@ def test_cpr_state_bytes_are_qemus(run, defaults):
 @pytest.mark.parametrize("defaults", list(DEFAULTS))
 def test_qemu_source_labkit_destination(run, defaults):
     """labkit-vm maps every memfd real QEMU sends (the same inodes), opens its monitor, listens on main and
-    accepts QEMU's main connection; it fails only then, loading QEMU's device state, with one clear line."""
+    accepts QEMU's main connection; it fails only then, loading QEMU's device state: the loader's line names
+    the first section it lacks, then QEMU's last line gives the errno."""
     extra = DEFAULTS[defaults]
     src = run.start("qemu", extra, "-S")
     dst = run.start("labkit-vm", extra, "-incoming", "defer", "-incoming", run.cpr_incoming(), connect=False)
@@ -215,7 +216,9 @@ def test_qemu_source_labkit_destination(run, defaults):
     src.qmp.wait_event("MIGRATION", WAIT, match=lambda e: e["data"]["status"] == "active")  # main connected
     assert dst.wait(WAIT) == 1
     lines = [ln for ln in dst.log().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("labkit-vm: load of migration failed: "), lines
+    # QEMU's two lines: the loader's error_report() naming the first section it lacks, then the errno
+    assert len(lines) == 2 and lines[0].startswith("labkit-vm: Unknown savevm section or instance "), lines
+    assert lines[1] == "labkit-vm: load of migration failed: Invalid argument", lines
     info = wait_for(
         lambda: (i := src.cmd("query-migrate"))["status"] in ("failed", "completed") and i,
         "QEMU to finish",

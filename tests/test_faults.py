@@ -4,7 +4,8 @@ Each scenario holds the migration at an exact point (hold points, or a StreamRel
 it (SIGKILL, SIGSTOP, a cut channel, migrate_cancel, a truncated file), then checks QEMU's rules: before
 switchover the source reports `failed` with a reason and its guest runs on; after it, `cont` resumes it; guest
 memory is verified either way; the surviving process holds exactly the fds it held before; a destination that
-cannot load exits 1 with one line. conftest.py fails any test that leaks a process or an fd in this process.
+cannot load exits 1 with QEMU's lines (the loader's detail, then its errno). conftest.py fails any test that
+leaks a process or an fd in this process.
 
 With LABKIT_FAULTS_JSON=path set, each passing scenario appends what it observed to that file (one JSON object
 per line): scripts/fault_table.py renders docs/faults.md from it.
@@ -159,13 +160,18 @@ class Rig:
         self.outcome["guest"] = f"running, {verify['written']} written pages verified"
         self.outcome["fds"] = f"source fds unchanged ({sum(census.values())})"
 
-    def exits_with_one_line(self, m: Machine, who: str = "destination") -> str:
+    def exits_with_qemus_lines(self, m: Machine, who: str = "destination") -> str:
+        """Exit 1 with QEMU's last words: one line, or for a failed load of the main stream QEMU's two, the
+        loader's detail (error_report) and then `load of migration failed: <strerror>`."""
         rc = m.wait(20)
         lines = [ln for ln in m.log().splitlines() if ln.strip() and "holding at" not in ln]
         assert rc == 1, (rc, lines)
-        assert len(lines) == 1 and lines[0].startswith("labkit-vm: "), lines
-        self.outcome[who] = f"exit 1: {lines[0]}"
-        return lines[0]
+        assert lines and all(ln.startswith("labkit-vm: ") for ln in lines), lines
+        assert len(lines) == 1 or (
+            len(lines) == 2 and lines[1].startswith("labkit-vm: load of migration failed: ")
+        ), lines
+        self.outcome[who] = "exit 1: " + " / ".join(lines)
+        return lines[-1]
 
     def killed(self, m: Machine, who: str = "destination") -> None:
         m.kill()
@@ -264,7 +270,7 @@ def _channel_cut_by_dst_end(r: Rig) -> None:
     wait_for(relay.done.is_set, "the relay to cut the channel")
     if holds:
         r.src.cmd("x-labkit-continue")
-    r.exits_with_one_line(dst)
+    r.exits_with_qemus_lines(dst)
     r.source_survives("failed")
 
 
@@ -332,7 +338,7 @@ def _src_killed_mid_stream(r: Rig) -> None:
     r.migrate()
     r.held(src, point)
     r.killed(src, "source")
-    r.exits_with_one_line(dst)
+    r.exits_with_qemus_lines(dst)
 
 
 @scenario("normal/dst-killed-before-migrate")
@@ -364,7 +370,7 @@ def _channel_closed_by_src_end(r: Rig) -> None:
     r.migrate()
     wait_for(lambda: src.cmd("x-labkit-query-migrate")["source"]["bytes-main"] > 1 * MiB, "1 MiB sent")
     src.cmd("migrate_cancel")
-    r.exits_with_one_line(dst)
+    r.exits_with_qemus_lines(dst)
     r.source_survives("cancelled")
 
 
@@ -387,7 +393,7 @@ def _dst_frozen_then_cancel(r: Rig) -> None:
     src.cmd("migrate_cancel")
     r.source_survives("cancelled")
     os.kill(dst.pid, signal.SIGCONT)
-    r.exits_with_one_line(dst)
+    r.exits_with_qemus_lines(dst)
 
 
 @scenario("cpr-reboot/src-killed-while-saving")
@@ -398,7 +404,7 @@ def _src_killed_while_saving(r: Rig) -> None:
     r.killed(src, "source")
     dst = r.destination("defer")
     dst.cmd("migrate-incoming", {"uri": f"file:{r.state}"})
-    r.exits_with_one_line(dst, "restoring process")
+    r.exits_with_qemus_lines(dst, "restoring process")
 
 
 @scenario("cpr-reboot/truncated-state-file")
@@ -410,7 +416,7 @@ def _truncated_state_file(r: Rig) -> None:
     os.truncate(r.state, size // 2)
     dst = r.destination("defer")
     dst.cmd("migrate-incoming", {"uri": f"file:{r.state}"})
-    r.exits_with_one_line(dst, "restoring process")
+    r.exits_with_qemus_lines(dst, "restoring process")
     r.source_survives("completed", cont=True)
 
 

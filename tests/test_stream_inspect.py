@@ -22,7 +22,7 @@ import pytest
 from helpers import unix, wait_for
 
 from labkit.backends import qemu_guest as qg
-from labkit.backends.qemu import default_bios, qemu_missing
+from labkit.backends.qemu import default_bios, parse_ramblocks, qemu_missing
 from labkit.config import GuestConfig, MiB, VMConfig
 from labkit.machine import spawn
 from labkit.stream_inspect import inspect_stream, main, read_vmdesc_tail
@@ -266,11 +266,11 @@ def test_labkit_vm_refuses_a_real_qemu_stream_at_the_first_section_it_does_not_m
         lines = [ln for ln in dst.log().splitlines() if ln.strip()]
     finally:
         dst.kill()
-    assert rc == 1 and len(lines) == 1, (rc, lines)
-    assert lines[0] == (
-        "labkit-vm: load of migration failed: Unknown savevm section or instance 'cpu_common' 0. Make sure that "
-        "your current VM setup matches your saved VM setup, including any hotplugged devices"
-    )
+    assert rc == 1 and lines == [  # QEMU's error_report() of the fault, then its fatal line with the errno
+        "labkit-vm: Unknown savevm section or instance 'cpu_common' 0. Make sure that your current VM setup "
+        "matches your saved VM setup, including any hotplugged devices",
+        "labkit-vm: load of migration failed: Invalid argument",
+    ], (rc, lines)
 
 
 # -- the emulator alone ------------------------------------------------------------------------------------
@@ -291,7 +291,8 @@ def test_emulator_normal_stream_decodes_like_qemus(tmp_path, serial):
 def test_emulator_cpr_transfer_main_stream_lists_the_ignored_blocks(tmp_path):
     vm = _emulated()
     try:
-        blocks = [b["name"] for b in vm.cmd("x-labkit-ram-blocks")]
+        # ram_save_setup() lists the blocks in ram_list order, which x-query-ramblock shows
+        blocks = [b["name"] for b in parse_ramblocks(vm.cmd("x-query-ramblock")["human-readable-text"])]
         data, info = _cpr_transfer_main_stream(vm.cmd, tmp_path)
     finally:
         vm.kill()
@@ -306,7 +307,7 @@ def test_inspector_refuses_bad_files_in_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.bin"
     bad.write_bytes(b"QEVX\0\0\0\3")
     assert main([str(bad)]) == 1
-    assert capsys.readouterr().err == "labkit stream-inspect: Not a migration stream (bad magic 51455658)\n"
+    assert capsys.readouterr().err == "labkit stream-inspect: Not a migration stream\n"
     assert main([str(tmp_path / "missing.bin")]) == 1
     assert capsys.readouterr().err.startswith("labkit stream-inspect: No such file or directory")
     # a device section the vmdesc does not describe cannot be sized: refused, named

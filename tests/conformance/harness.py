@@ -23,7 +23,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from labkit.backends import get_backend
-from labkit.backends.qemu import qemu_argv
+from labkit.backends.qemu import parse_ramblocks, qemu_argv
+from labkit.backends.qemu_trace import strip_msg_timestamps
 from labkit.config import GiB, KiB, MiB, VMConfig, format_size
 from labkit.inspect import read_maps
 from labkit.machine import Machine
@@ -161,15 +162,20 @@ def runstate(m: Machine) -> str:
     return m.cmd("query-status", timeout=10)["status"]
 
 
-def ram_blocks(run: Run, m: Machine) -> list[str]:
-    """Name, used length and maximum length of every RAM block, in the VM's own list order."""
-    blocks = run.ops.ram_blocks(m)
-    return [f"{b['name']} {format_size(b['size'])}/{format_size(b.get('max-size', b['size']))}" for b in blocks]
+def query_ramblock(m: Machine) -> list[dict]:
+    """x-query-ramblock's rows (HMP `info ramblock`), asked the same way of both backends: ram_list order,
+    used and maximum length, host address."""
+    return parse_ramblocks(m.cmd("x-query-ramblock", timeout=10)["human-readable-text"])
 
 
-def block_inodes(run: Run, m: Machine) -> dict[str, int | None]:
+def ram_blocks(m: Machine) -> list[str]:
+    """Name, used length and maximum length of every RAM block, in the VM's ram_list order."""
+    return [f"{b['name']} {format_size(b['size'])}/{format_size(b['max-size'])}" for b in query_ramblock(m)]
+
+
+def block_inodes(m: Machine) -> dict[str, int | None]:
     maps = {mp.start: mp.inode for mp in read_maps(m.pid)}
-    return {b["name"]: maps.get(b["host-addr"]) for b in run.ops.ram_blocks(m)}
+    return {b["name"]: maps.get(b["host-addr"]) for b in query_ramblock(m)}
 
 
 def unix(path: str, ctype: str = "main") -> dict:
@@ -281,7 +287,7 @@ def scenario_cpr_transfer(run: Run) -> Observation:
     wait_status(src, FINAL)
     finish_source(obs, run, src, since)
     finish_destination(obs, run, dst)
-    s, d = block_inodes(run, src), block_inodes(run, dst)
+    s, d = block_inodes(src), block_inodes(dst)
     obs.checks["destination.blocks-on-source-inode"] = sorted(n for n in d if n in s and d[n] == s[n])
     stream_checks(obs, tee.close())
     return obs
@@ -314,7 +320,7 @@ def scenario_cpr_state(nodefaults: bool) -> Callable[[Run], Observation]:
     def run_it(run: Run) -> Observation:
         obs = Observation()
         src = run.vm(VMConfig(name="src", ram=RAM, nodefaults=nodefaults), seabios=True)
-        obs.checks["ram-blocks"] = ram_blocks(run, src)
+        obs.checks["ram-blocks"] = ram_blocks(src)
         src.cmd("migrate-set-parameters", {"mode": "cpr-transfer"})
         sink = run.cpr_sink("cpr")
         since = len(src.events)
@@ -360,6 +366,8 @@ def scenario_cancel_and_parameters(run: Run) -> Observation:
         obs.checks[f"{name}.final-status"] = wait_status(src, FINAL)
         info = src.cmd("query-migrate")
         obs.checks[f"{name}.query-migrate@{info.get('status', 'none')}"] = members(info)
+        if "error-desc" in info:
+            obs.checks[f"{name}.error-desc"] = info["error-desc"]
         obs.checks[f"{name}.events"] = event_names(src.events[since:])
         if obs.checks[f"{name}.final-status"] != "completed":  # a cancelled migration restarts the guest
             deadline = time.monotonic() + 5
@@ -451,13 +459,13 @@ def scenario_destination_failed(run: Run) -> Observation:
     obs.checks["process"] = "running" if rc is None else f"exited {rc}"
     obs.checks["events"] = event_names(dst.events)
     if rc is not None:
-        lines = [ln for ln in dst.log().splitlines() if ln.strip() and "warning" not in ln]
-        obs.checks["last log line"] = run.text(_strip_program(lines[-1])) if lines else None
+        obs.checks["last log line"] = last_log_line(run, dst.log())
         return obs
     info = dst.cmd("query-migrate")
     obs.checks[f"query-migrate@{info.get('status', 'none')}"] = members(info)
     obs.checks["error-desc"] = info.get("error-desc")
     obs.checks["runstate"] = runstate(dst)
+    obs.checks["stderr"] = last_log_line(run, dst.log())  # the loader's own detail (error_report)
     return obs
 
 
@@ -475,9 +483,7 @@ def scenario_blocker(overrides: dict, caps: tuple[str, ...] = ()) -> Callable[[R
             src = run.vm(VMConfig(name="src", ram=RAM, **kw))
         except Exception as e:  # noqa: BLE001 - a VM that refuses to start is the observation
             log = Path(run.path("src/vm.log"))
-            lines = [ln for ln in (log.read_text(errors="replace") if log.exists() else str(e)).splitlines()
-                     if ln.strip() and "warning" not in ln]
-            obs.checks["start"] = run.text(_strip_program(lines[-1]) if lines else str(e))
+            obs.checks["start"] = last_log_line(run, log.read_text(errors="replace") if log.exists() else "") or run.text(str(e))
             return obs
         obs.checks["start"] = "ok"
         obs.checks["query-migrate@before"] = members(src.cmd("query-migrate"))
@@ -563,6 +569,13 @@ def _strip_program(line: str) -> str:
     return line
 
 
+def last_log_line(run: Run, text: str) -> str | None:
+    """A VM's last word on stderr as both backends print it: QEMU's `-msg timestamp=on` time (which the
+    qemu backend turns on for its trace log) and the program's name taken off, warnings left out."""
+    lines = [ln for ln in strip_msg_timestamps(text).splitlines() if ln.strip() and "warning" not in ln]
+    return run.text(_strip_program(lines[-1])) if lines else None
+
+
 def scenario_cpr_destination(kind: str) -> Callable[[Run], Observation]:
     """A cpr-transfer destination sent CPR state it must refuse: a bad magic, or a RAM fd too small."""
 
@@ -587,8 +600,7 @@ def scenario_cpr_destination(kind: str) -> Callable[[Run], Observation]:
             os.close(fd)
             s.close()
         obs.checks["exit"] = "running" if rc is None else ("0" if rc == 0 else "non-zero")
-        lines = [ln for ln in dst.log().splitlines() if ln.strip() and "warning" not in ln]
-        obs.checks["error"] = run.text(_strip_program(lines[-1])) if lines else None
+        obs.checks["error"] = last_log_line(run, dst.log())
         return obs
 
     return run_it

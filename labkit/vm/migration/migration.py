@@ -4,7 +4,8 @@ Source, in the order QEMU 10.0.2 showed here (events capability on):
 
     normal        setup, PASS 1, active, PASS 2..n (one per exact bitmap sync: none when the first pass
                   ends within 100 ms), STOP, device, PASS n+1, completed
-    cpr-reboot    setup, STOP, PASS 1, active, device, PASS 2, completed      (main channel is a file)
+    cpr-reboot    setup, STOP, PASS 1, active, PASS 2..n (the same rule as normal), device, PASS n+1,
+                  completed                                                   (main channel is a file)
     cpr-transfer  setup, [CPR state sent over the cpr channel; `migrate` returns; guest still runs;
                   wait for the destination to hang up the cpr channel], STOP, PASS 1, active, device, PASS 2,
                   completed; no RAM pages at all, every block is ignored in this mode
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 import sys
@@ -98,6 +100,9 @@ HOLD_POINTS = {
     "loaded": "destination: the whole stream is loaded; the guest is about to resume",
     "cpr-exec": "source: device state saved, migration completed; the old program is about to exec the new one",
 }
+#: What a migration cancelled during its completion records: the main channel's error after migrate_cancel
+#: shut it down (qemu_file_shutdown() sets -EIO; qemu_file_get_error_obj() words it), as QEMU 10.0.2 reports.
+CHANNEL_SHUTDOWN_ERROR = "Channel error: Input/output error"
 CPR_INCOMPATIBLE = {
     "postcopy-ram": "postcopy",
     "background-snapshot": "background snapshot",
@@ -133,6 +138,14 @@ def socket_address(sock: socket.socket, channel: MigrationChannel) -> dict:
     host, port = sock.getsockname()[:2]
     family = "ipv4" if sock.family == socket.AF_INET else "ipv6"
     return {"host": host, "port": str(port), family: True, "type": "inet"}
+
+
+def _loadvm_errno(e: Exception) -> int:
+    """The errno qemu_loadvm_state() returns for a fault: the stream's own (StreamError.errno), EIO for a
+    channel that failed (qemu_fill_buffer() records -EIO whatever the socket said), else EINVAL."""
+    if isinstance(e, StreamError):
+        return e.errno
+    return errno.EIO if isinstance(e, OSError) else errno.EINVAL
 
 
 def _ms(t0: float | None, t1: float | None) -> int:
@@ -545,8 +558,12 @@ class MigrationState:
         self._pass_event()
         self.t_active = time.monotonic()
         self._set_status("active")
-        if mode == "normal":
+        # migration_iteration_run(): pre-copy passes while RAM is pending, in cpr-reboot too (with the guest
+        # already stopped, so the first exact sync finds nothing new); cpr-transfer ignores every block, so with
+        # nothing pending it goes straight to completion, as QEMU does, without a PART section
+        if blocks:
             self._precopy_iterate(f, ram)
+        if mode == "normal":
             self.hold("switchover")
             self._stop_vm()
         # completion (migration_completion_precopy)
@@ -554,6 +571,9 @@ class MigrationState:
             self._set_status("pre-switchover")
             while not self.continue_event.wait(0.05):
                 if self.cancelled.is_set():
+                    # migration_maybe_pause() fails; migration_completion() then records the error of the
+                    # main channel migrate_cancel shut down (qemu_file_get_error_obj) as the migration's
+                    self.error_desc = CHANNEL_SHUTDOWN_ERROR
                     raise MigrationCancelled()
         self._set_status("device")
         ram.bitmap_sync()
@@ -637,9 +657,13 @@ class MigrationState:
                 self.vm.runstate.set(rs.PAUSED)
 
     def _cancelled(self) -> None:
+        """migration_iteration_finish() restarts a guest it stopped (RESUME), then the cleanup bottom half
+        announces `cancelled` and reports an error the completion recorded (migrate_fd_cleanup())."""
         self.t_end = time.monotonic()
-        self._set_status("cancelled")
         self._restart_guest()
+        self._set_status("cancelled")
+        if self.error_desc:
+            print(f"labkit-vm: {self.error_desc}", file=sys.stderr, flush=True)  # error_report_err()
 
     # -- source: cancel, continue, query ------------------------------------------------------------------
     def qmp_migrate_cancel(self, args: dict) -> None:
@@ -830,6 +854,7 @@ class MigrationState:
                 on_ram_blocks=self._check_ram_blocks,
                 zero_page_needs_write=self._zero_page_needs_write,
                 machine=Q35_MACHINE_NAME,
+                require_configuration=True,
             )
             self.incoming_stats = {
                 "normal": stats.normal_pages,
@@ -843,7 +868,10 @@ class MigrationState:
                 self._closing
             ):  # `quit` (or SIGTERM) while waiting or loading: an exit asked for, not a failure
                 return
-            self.incoming_error = f"load of migration failed: {e}"
+            # qemu_loadvm_state() reports the fault itself (error_report, so on stderr whatever exit-on-error
+            # says) and returns an errno; process_incoming_migration_co() words only that errno
+            print(f"labkit-vm: {e}", file=sys.stderr, flush=True)
+            self.incoming_error = f"load of migration failed: {os.strerror(_loadvm_errno(e))}"
             self._set_incoming_status("failed")
             self.incoming_socket_address = []  # migration_incoming_state_destroy()
             if self.incoming_exit_on_error:

@@ -50,6 +50,7 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from errno import EINVAL, EIO, ENOTSUP, ERANGE
 
 import numpy as np
 
@@ -68,6 +69,7 @@ TARGET_PAGE_MASK = ~(PAGE_SIZE - 1)
 # savevm.c
 QEMU_VM_FILE_MAGIC = 0x5145564D
 QEMU_VM_FILE_VERSION = 0x00000003
+QEMU_VM_FILE_VERSION_COMPAT = 0x00000002  # the pre-1.0 layout QEMU refuses with its own text
 QEMU_VM_EOF = 0x00
 QEMU_VM_SECTION_START = 0x01
 QEMU_VM_SECTION_PART = 0x02
@@ -115,7 +117,16 @@ _HDR = np.dtype(">u8")
 
 
 class StreamError(Exception):
-    """The incoming stream is not a valid migration stream; the text follows QEMU's error_report()s."""
+    """The incoming stream is not a valid migration stream; the text follows QEMU's error_report()s.
+
+    `errno` is what QEMU's qemu_loadvm_state() returns for the same fault, which QEMU's destination turns
+    into its error-desc, `load of migration failed: strerror(errno)` (the text itself goes only to stderr):
+    EINVAL for a stream it cannot make sense of, ENOTSUP for a stream version it does not speak, ERANGE for
+    a command of the wrong length, EIO for a channel that ended or failed (qemu_fill_buffer())."""
+
+    def __init__(self, message: str, errno: int = EINVAL):
+        super().__init__(message)
+        self.errno = errno
 
 
 def _counted(name: str) -> bytes:
@@ -293,7 +304,7 @@ class QEMUFileIn:
     def _recv_into(self, mv: memoryview) -> int:
         n = self._sock.recv_into(mv) if self._sock is not None else self._src.readinto(mv)
         if not n:  # 0 = EOF; None = a non-blocking file with nothing ready, which a loader cannot use
-            raise StreamError("Input stream ended unexpectedly")
+            raise StreamError("Input stream ended unexpectedly", EIO)
         return n
 
     def _fill(self, need: int) -> None:
@@ -699,7 +710,7 @@ def _load_command(f: QEMUFileIn) -> int:
     if cmd == 0 or cmd >= MIG_CMD_MAX:
         raise StreamError(f"MIG_CMD 0x{cmd:x} unknown (len 0x{length:x})")
     if cmd == MIG_CMD_SWITCHOVER_START and length != 0:
-        raise StreamError(f"SWITCHOVER_START received with bad length - expecting 0, got {length}")
+        raise StreamError(f"SWITCHOVER_START received with bad length - expecting 0, got {length}", ERANGE)
     f.skip(length)
     return cmd
 
@@ -808,6 +819,15 @@ def unknown_section(idstr: str, instance_id: int) -> StreamError:
     )
 
 
+def _be32_or_zero(f: QEMUFileIn) -> int:
+    """qemu_get_be32() for the header: past the end of the stream QEMU reads zeros (and notes the error
+    for later), so an empty or short stream is "Not a migration stream", not an I/O error."""
+    try:
+        return f.get_be32()
+    except StreamError:
+        return 0
+
+
 def qemu_loadvm_state(
     f: QEMUFileIn,
     ram: Callable[[str], memoryview | None],
@@ -815,6 +835,7 @@ def qemu_loadvm_state(
     on_ram_blocks: Callable[[list[tuple[str, int]]], None] | None = None,
     zero_page_needs_write: Callable[[str], bool] | None = None,
     machine: str | None = None,
+    require_configuration: bool = False,
 ) -> LoadStats:
     """Read a whole stream up to QEMU_VM_EOF and the vmdesc after it, validating before touching memory.
 
@@ -822,16 +843,25 @@ def qemu_loadvm_state(
     once, after ``on_ram_blocks`` saw the list); ``on_device(idstr, instance_id, version_id, f)`` reads one
     device section's fields from ``f`` (vmstate_load()) and raises for a section it does not know;
     ``zero_page_needs_write(name)`` may say False for a block known to be all zeros (a fresh memfd);
-    ``machine``, when given, must match the stream's CONFIGURATION.
+    ``machine``, when given, must match the stream's CONFIGURATION; ``require_configuration`` refuses a
+    stream without one, as a destination of a QEMU 10 machine type does (send_configuration).
     """
     start = f.bytes_received
     stats = LoadStats()
-    magic = f.get_be32()
+    magic, version = _be32_or_zero(f), _be32_or_zero(f)
     if magic != QEMU_VM_FILE_MAGIC:
-        raise StreamError(f"Not a migration stream (bad magic {magic:x})")
-    version = f.get_be32()
+        raise StreamError("Not a migration stream")
+    if version == QEMU_VM_FILE_VERSION_COMPAT:
+        raise StreamError("SaveVM v2 format is obsolete and don't work anymore", ENOTSUP)
     if version != QEMU_VM_FILE_VERSION:
-        raise StreamError(f"Unsupported migration stream version {version}")
+        raise StreamError("Unsupported migration stream version", ENOTSUP)
+    if require_configuration:  # a QEMU 10 machine sends its CONFIGURATION first; its destination insists on it
+        try:
+            first = f.peek(1)[0]
+        except StreamError:
+            first = 0  # qemu_get_byte() past the end
+        if first != QEMU_VM_CONFIGURATION:
+            raise StreamError("Configuration section missing")
     rl = _RamLoad(ram, zero_page_needs_write)
     sections: dict[int, str] = {}
     while True:

@@ -199,3 +199,65 @@ def step_through_switchover(
             dst.shutdown(timeout=5)
         src.shutdown(timeout=5)
     return walk
+
+
+@dataclass
+class BackendComparison:
+    """One migration run on each backend with the same settings, and their pauses cut at QEMU's checkpoints
+    side by side (`steps`: one row per step, one ms column per backend), so a learner sees which pause is
+    longer and in which step the difference sits."""
+
+    results: dict[str, Any]  # backend -> Result
+    steps: Any  # pandas DataFrame from labkit.breakdown.compare_steps
+
+    @property
+    def longer(self) -> str | None:
+        """The backend whose STOP -> RESUME pause was longer (None if either was not measured)."""
+        pauses = {b: r.pause_ms.get("events") for b, r in self.results.items()}
+        if any(p is None for p in pauses.values()):
+            return None
+        return max(pauses, key=pauses.__getitem__)
+
+    @property
+    def widest_step(self) -> str | None:
+        """The checkpoint that ends the step where the two pauses differ most (e.g. the destination's
+        dst-precopy-loadvm-completed, when loading device state is what takes the time)."""
+        from labkit.breakdown import largest_difference
+
+        step = largest_difference(self.steps, *self.results)
+        return None if step is None else step.split(" -> ")[1]
+
+
+def compare_backends(
+    mode: str = "cpr-transfer",
+    ram: str | int = "256M",
+    backends: tuple[str, str] = ("emulated", "qemu"),
+    **settings,
+) -> BackendComparison:
+    """Migrate once on each backend with the same mode, RAM and settings (Lab keywords, e.g. dirty_rate=),
+    one after the other, and compare their pauses step by step."""
+    from labkit.breakdown import compare_steps
+    from labkit.lab import migrate
+
+    results = {b: migrate(backend=b, mode=mode, ram=ram, **settings) for b in backends}
+    return BackendComparison(results, compare_steps({b: r.pause_breakdown for b, r in results.items()}))
+
+
+def explain_comparison(cmp: BackendComparison) -> str:
+    """The reveal's "why", built from the measurement: which pause was longer, by how much, and the step
+    that holds most of the difference, with what QEMU does in that step."""
+    from labkit.breakdown import CHECKPOINT_WHAT
+
+    names = list(cmp.results)
+    pauses = {b: r.pause_ms.get("events") for b, r in cmp.results.items()}
+    if cmp.longer is None or cmp.widest_step is None:
+        return "one of the runs recorded no STOP -> RESUME pause, so there is nothing to compare"
+    row = cmp.steps[cmp.steps["step"].str.endswith(" -> " + cmp.widest_step)].iloc[0]
+    side = next((s for (s, n) in CHECKPOINT_WHAT if n == cmp.widest_step), "destination")
+    what = CHECKPOINT_WHAT.get((side, cmp.widest_step), cmp.widest_step)
+    shorter = next(b for b in names if b != cmp.longer)
+    return (
+        f"{cmp.longer}'s pause was {pauses[cmp.longer]:.2f} ms against {shorter}'s {pauses[shorter]:.2f} ms; "
+        f"the step {row['step']} ({what}) took {row[names[0]]:.2f} ms on {names[0]} and "
+        f"{row[names[1]]:.2f} ms on {names[1]}, the largest difference of any step"
+    )

@@ -8,7 +8,7 @@ import pytest
 from labkit.backends.qemu import qemu_missing
 from labkit.breakdown import compare_steps
 from labkit.lab import migrate
-from labkit.walkthrough import BackendComparison, compare_backends, step_through_switchover
+from labkit.walkthrough import BackendComparison, check_comparison, compare_backends, step_through_switchover
 
 _MISSING = qemu_missing()
 
@@ -78,6 +78,13 @@ def test_comparison_logic_on_two_emulated_runs():
     }
     cmp = BackendComparison(runs, compare_steps({m: r.pause_breakdown for m, r in runs.items()}))
     _check_comparison(cmp, ("cpr-transfer", "normal"))
+    right = check_comparison(cmp, cmp.longer, cmp.widest_step)
+    wrong = check_comparison(cmp, "no-such-backend", "no-such-checkpoint")
+    empty = check_comparison(cmp, ..., ...)
+    assert [v.verdict for v in right] == ["right", "right"]
+    assert [v.verdict for v in wrong] == ["not quite", "not quite"]
+    assert [v.verdict for v in empty] == ["not answered yet", "not answered yet"]
+    assert "took longer in that step" in right[1].why and right[0].why.startswith(cmp.longer)
 
 
 @pytest.mark.qemu
@@ -87,3 +94,4 @@ def test_compare_backends_on_the_emulator_and_real_qemu():
     cmp = compare_backends(ram="64M", dirty_rate="16M")
     _check_comparison(cmp, ("emulated", "qemu"))
     assert cmp.results["qemu"].backend == "qemu" and cmp.results["emulated"].backend == "emulated"
+    assert [v.verdict for v in check_comparison(cmp, cmp.longer, cmp.widest_step)] == ["right", "right"]

@@ -106,3 +106,53 @@ def breakdown_steps(runs: Sequence[Sequence[BreakdownRow | dict]]) -> dict:
         if values:
             at[name] = round(statistics.median(values), 3)
     return {"steps": steps, "t_ms_median": at, "runs": len(maps)}
+
+
+def pause_steps(rows: Sequence[BreakdownRow | dict]) -> list[dict]:
+    """One migration's pause cut into steps, from the source's STOP through the critical-path checkpoints
+    after it (PAUSE_CHECKPOINTS order, skipping any the run lacks) to the destination's RESUME: the steps sum
+    to the STOP -> RESUME pause, so two runs compared step by step show where one's pause is longer. The
+    main channel's checkpoints are left out: they belong before STOP, even where one lands inside the pause.
+    Empty without both STOP and RESUME."""
+    times = {
+        (r["side"], r["checkpoint"]): r["t_ms"]
+        for r in (x if isinstance(x, dict) else asdict(x) for x in rows)
+    }
+    path = [(side, name) for side, name, _ in PAUSE_CHECKPOINTS]
+    path = path[path.index(("source", "STOP")) : path.index(("destination", "RESUME")) + 1]
+    if path[0] not in times or path[-1] not in times:
+        return []
+    present = [key for key in path if key in times]
+    return [
+        {"from": a[1], "from_side": a[0], "to": b[1], "to_side": b[0], "ms": round(times[b] - times[a], 3)}
+        for a, b in pairwise(present)
+    ]
+
+
+def compare_steps(runs: dict[str, Sequence[BreakdownRow | dict]]):
+    """Several runs' pause steps side by side (a DataFrame: step, then one ms column per run, named by the
+    keys of `runs`, e.g. "emulated" and "qemu"), in critical-path order; a step a run lacks is NaN there."""
+    import pandas as pd
+
+    order = {(side, name): i for i, (side, name, _) in enumerate(PAUSE_CHECKPOINTS)}
+    table: dict[str, dict[str, float]] = {}
+    keys: dict[str, tuple[int, int]] = {}
+    for label, rows in runs.items():
+        for s in pause_steps(rows):
+            step = f"{s['from']} -> {s['to']}"
+            table.setdefault(step, {})[label] = s["ms"]
+            keys[step] = (order[(s["to_side"], s["to"])], order[(s["from_side"], s["from"])])
+    steps = sorted(table, key=keys.__getitem__)
+    return pd.DataFrame(
+        [{"step": step, **{label: table[step].get(label) for label in runs}} for step in steps],
+        columns=["step", *runs],
+    )
+
+
+def largest_difference(frame, a: str, b: str) -> str | None:
+    """The step (a `compare_steps` row) where runs `a` and `b` differ most, in absolute ms; None if no step
+    was measured in both."""
+    both = frame.dropna(subset=[a, b])
+    if both.empty:
+        return None
+    return str(both.loc[(both[b] - both[a]).abs().idxmax(), "step"])

@@ -631,3 +631,53 @@ def plot_precopy_model(
         fontsize=10,
     )
     return fig
+
+
+def plot_backends(first: Result, second: Result) -> Figure:
+    """Two runs' pauses cut at QEMU's checkpoints, step by step on one linear axis: a pair of bars per step
+    (STOP -> src-vm-stopped -> ... -> RESUME; the steps of each run sum to its STOP -> RESUME pause), so the
+    step where one pause is longer stands out. Made for one migration on each backend with the same
+    settings (labels name the backend; the mode too when both runs share a backend)."""
+    from labkit.breakdown import compare_steps
+
+    runs = {}
+    for r in (first, second):
+        label = f"{r.backend} backend" if first.backend != second.backend else f"{r.backend}, {r.mode}"
+        runs[label] = r
+    frame = compare_steps({label: r.pause_breakdown for label, r in runs.items()})
+    fig = Figure(figsize=(10, 1.9 + 0.62 * max(len(frame), 2)), layout="constrained")
+    ax = fig.add_subplot()
+    y = np.arange(len(frame))
+    height = 0.38
+    for i, (label, r) in enumerate(runs.items()):
+        values = frame[label].to_numpy(dtype=float)
+        bars = ax.barh(
+            y + (i - 0.5) * height,
+            np.nan_to_num(values),
+            height=height,
+            color=("tab:blue", "tab:orange")[i],
+            label=f"{label}: pause {_pause_text(r)}",
+        )
+        ax.bar_label(bars, labels=["" if v != v else f"{v:.2f}" for v in values], padding=3, fontsize=7.5)
+    ax.set_yticks(y, list(frame["step"]), fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(float(np.nanmax(frame.iloc[:, 1:].to_numpy(dtype=float), initial=0.0)), 0.01) * 1.18)
+    ax.set_xlabel("ms in this step (linear axis; each run's steps add up to its STOP -> RESUME pause)")
+    ax.legend(loc="lower right", fontsize=8)
+    same = [first.mode] if first.mode == second.mode else []  # the settings both runs share
+    if first.ram_bytes == second.ram_bytes:
+        same.append(_human(first.ram_bytes))
+    if first.dirty_rate == second.dirty_rate:
+        same.append(f"guest writing {_human(first.dirty_rate)}/s" if first.dirty_rate else "idle guest")
+    ax.set_title(
+        "the pause step by step, QEMU's checkpoints: " + " against ".join(runs) + "\n" + ", ".join(same),
+        fontsize=10,
+    )
+    if not len(frame):
+        ax.text(0.5, 0.5, "no run recorded both STOP and RESUME", ha="center", transform=ax.transAxes)
+    return fig
+
+
+def _pause_text(result: Result) -> str:
+    events = result.pause_ms.get("events")
+    return "n/a" if events is None else f"{events:.2f} ms"

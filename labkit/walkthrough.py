@@ -199,3 +199,123 @@ def step_through_switchover(
             dst.shutdown(timeout=5)
         src.shutdown(timeout=5)
     return walk
+
+
+@dataclass
+class BackendComparison:
+    """One migration run on each backend with the same settings, and their pauses cut at QEMU's checkpoints
+    side by side (`steps`: one row per step, one ms column per backend), so a learner sees which pause is
+    longer and in which step the difference sits."""
+
+    results: dict[str, Any]  # backend -> Result
+    steps: Any  # pandas DataFrame from labkit.breakdown.compare_steps
+
+    @property
+    def longer(self) -> str | None:
+        """The backend whose STOP -> RESUME pause was longer (None if either was not measured)."""
+        pauses = {b: r.pause_ms.get("events") for b, r in self.results.items()}
+        if any(p is None for p in pauses.values()):
+            return None
+        return max(pauses, key=pauses.__getitem__)
+
+    @property
+    def widest_step(self) -> str | None:
+        """The checkpoint that ends the step where the two pauses differ most (e.g. the destination's
+        dst-precopy-loadvm-completed, when loading device state is what takes the time)."""
+        from labkit.breakdown import largest_difference
+
+        step = largest_difference(self.steps, *self.results)
+        return None if step is None else step.split(" -> ")[1]
+
+
+def compare_backends(
+    mode: str = "cpr-transfer",
+    ram: str | int = "256M",
+    backends: tuple[str, str] = ("emulated", "qemu"),
+    **settings,
+) -> BackendComparison:
+    """Migrate once on each backend with the same mode, RAM and settings (Lab keywords, e.g. dirty_rate=),
+    one after the other, and compare their pauses step by step."""
+    from labkit.breakdown import compare_steps
+    from labkit.lab import migrate
+
+    results = {b: migrate(backend=b, mode=mode, ram=ram, **settings) for b in backends}
+    return BackendComparison(results, compare_steps({b: r.pause_breakdown for b, r in results.items()}))
+
+
+def explain_comparison(cmp: BackendComparison) -> str:
+    """The reveal's "why", built from the measurement: which pause was longer, by how much, and the step
+    that holds most of the difference, with what QEMU does in that step."""
+    from labkit.breakdown import CHECKPOINT_WHAT
+
+    names = list(cmp.results)
+    pauses = {b: r.pause_ms.get("events") for b, r in cmp.results.items()}
+    if cmp.longer is None or cmp.widest_step is None:
+        return "one of the runs recorded no STOP -> RESUME pause, so there is nothing to compare"
+    row = cmp.steps[cmp.steps["step"].str.endswith(" -> " + cmp.widest_step)].iloc[0]
+    side = next((s for (s, n) in CHECKPOINT_WHAT if n == cmp.widest_step), "destination")
+    what = CHECKPOINT_WHAT.get((side, cmp.widest_step), cmp.widest_step)
+    shorter = next(b for b in names if b != cmp.longer)
+    return (
+        f"{cmp.longer}'s pause was {pauses[cmp.longer]:.2f} ms against {shorter}'s {pauses[shorter]:.2f} ms; "
+        f"the step {row['step']} ({what}) took {row[names[0]]:.2f} ms on {names[0]} and "
+        f"{row[names[1]]:.2f} ms on {names[1]}, the largest difference of any step"
+    )
+
+
+# what each step of the pause does, as the reason a backend spends longer there
+_STEP_WHY = {
+    "src-iterable-saved": "the source's last RAM pass: even with every block in a memfd (no page sent), QEMU "
+    "syncs the dirty log and ends the RAM section",
+    "src-non-iterable-saved": "writing the device state: real QEMU's q35 machine has dozens of devices (about "
+    "75 KiB of state) against the emulator's four",
+    "dst-precopy-loadvm-completed": "the destination reading and loading the device state section by section "
+    "as it arrives (real QEMU's many devices, about 75 KiB, against the emulator's four)",
+}
+
+
+def check_comparison(
+    cmp: BackendComparison, longer_pause: Any, widest_step: Any, tie_ms: float = 1.0
+) -> tuple[Any, Any]:
+    """The learner's two predictions (the backend whose pause is longer; the checkpoint ending the step that
+    differs most) against this run, fairly: pauses closer than `tie_ms` or 20 % count either way, and any step
+    whose difference is within `tie_ms` of the largest is right too (one run each: that is the noise a busy
+    shared machine adds). Returns two labkit.predictions.Verdicts; the "why" follows the measurement."""
+    from labkit.breakdown import CHECKPOINT_WHAT
+    from labkit.predictions import NOT_YET, RIGHT, WRONG, Verdict, unanswered
+
+    a, b = list(cmp.results)
+    pauses = {k: r.pause_ms.get("events") for k, r in cmp.results.items()}
+    q1, q2 = "the backend with the longer pause", "the checkpoint ending the step that differs most"
+    if cmp.longer is None or cmp.widest_step is None:
+        why = explain_comparison(cmp)
+        return Verdict(q1, longer_pause, None, NOT_YET, why), Verdict(q2, widest_step, None, NOT_YET, why)
+    close = abs(pauses[a] - pauses[b]) < max(tie_ms, 0.2 * min(pauses.values()))
+    ok1 = str(longer_pause).strip().lower() in ((a, b) if close else (cmp.longer,))
+    why1 = explain_comparison(cmp) + (" (close enough that either answer counts)" if close else "")
+    first = Verdict(
+        q1, longer_pause, cmp.longer, NOT_YET if unanswered(longer_pause) else RIGHT if ok1 else WRONG, why1
+    )
+
+    both = cmp.steps.dropna(subset=[a, b])
+    diff = (both[b] - both[a]).abs()
+    ends = both["step"].str.split(" -> ").str[1]
+    accepted = set(ends[diff >= diff.max() - tie_ms])
+    row = both[ends == cmp.widest_step].iloc[0]
+    slower = a if row[a] > row[b] else b
+    side = next((s for (s, n) in CHECKPOINT_WHAT if n == cmp.widest_step), "destination")
+    reason = _STEP_WHY.get(cmp.widest_step, CHECKPOINT_WHAT.get((side, cmp.widest_step), cmp.widest_step))
+    why2 = f"{slower} took longer in that step ({max(row[a], row[b]):.2f} against {min(row[a], row[b]):.2f} ms): {reason}"
+    if slower == "emulated":
+        why2 += "; this time the emulator was the slower one there: it is Python, sharing this machine's CPUs"
+    if len(accepted) > 1:
+        why2 += f" (steps ending at {', '.join(sorted(accepted))} differ by as much, within {tie_ms:g} ms: any counts)"
+    ok2 = str(widest_step).strip() in accepted
+    second = Verdict(
+        q2,
+        widest_step,
+        cmp.widest_step,
+        NOT_YET if unanswered(widest_step) else RIGHT if ok2 else WRONG,
+        why2,
+    )
+    return first, second

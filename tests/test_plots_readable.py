@@ -20,7 +20,7 @@ from labkit.backends.qemu import qemu_missing
 from labkit.lab import migrate
 from labkit.pause_breakdown import plot_results
 from labkit.results import concat
-from labkit.sweeps import plot_main_bytes, plot_total
+from labkit.sweeps import headline_sweep, plot_headline, plot_main_bytes, plot_total
 
 matplotlib.use("Agg")
 pytestmark = pytest.mark.timeout(600)
@@ -117,6 +117,14 @@ def assert_lanes_used(fig, name: str) -> None:
         assert ys <= used, f"{name}: empty lane(s) {sorted(ys - used)} in {labels}"
 
 
+def _title(fig) -> str:
+    """The figure's own title: its suptitle where it has one (plot_headline), else its first axes' title."""
+    sup = getattr(fig, "_suptitle", None)
+    if sup is not None and sup.get_text():
+        return sup.get_text()
+    return next(ax.get_title() for ax in fig.axes if ax.get_title())
+
+
 @pytest.fixture(scope="module")
 def emulated_results():
     return {m: migrate(mode=m, ram="48M", dirty_rate="16M", max_bandwidth="1G") for m in MODES}
@@ -137,8 +145,9 @@ def render_all(results, tmp_path, prefix: str) -> list[str]:
             assert_readable(fig, name, tmp_path)
             if kind == "timeline":
                 assert_lanes_used(fig, name)
-            titles.append(next(ax.get_title() for ax in fig.axes if ax.get_title()))  # the figure's own title
+            titles.append(_title(fig))
     frame = concat(list(results.values()))
+    headline = frame[frame["mode"].isin(("normal", "cpr-transfer"))]
     for name, fig in (
         ("pause", plots.plot_pause(frame)),
         ("pause-guest", plots.plot_pause(frame, y="pause_ms_guest")),
@@ -146,9 +155,11 @@ def render_all(results, tmp_path, prefix: str) -> list[str]:
         ("pause-breakdown", plot_results(list(results.values()))),
         ("total", plot_total(frame)),
         ("main-bytes", plot_main_bytes(frame)),
+        ("headline", plot_headline(headline)),
+        ("backends", plots.plot_backends(results["cpr-transfer"], results["normal"])),
     ):
         assert_readable(fig, f"{prefix}-{name}", tmp_path)
-        titles.append(next(ax.get_title() for ax in fig.axes if ax.get_title()))
+        titles.append(_title(fig))
     return titles
 
 
@@ -156,6 +167,27 @@ def test_every_plot_kind_is_readable_emulated(emulated_results, tmp_path):
     titles = render_all(emulated_results, tmp_path, "emulated")
     assert len(titles) == len(set(titles)), f"titles repeat: {sorted(titles)}"
     assert not any(" B)" in t or "4294967296" in t for t in titles)
+
+
+def test_headline_of_a_real_sweep_is_readable(tmp_path):
+    """plot_headline as notebook 04 and `labkit demo` draw it: a headline sweep (two small sizes), whose title
+    carries the guest's hot set, the bandwidth and the downtime limit."""
+    frame = headline_sweep(("32M", "48M"), progress=False)
+    assert (frame["status"] == "completed").all()
+    fig = plot_headline(frame)
+    assert "max-bandwidth" in _title(fig)
+    assert_readable(fig, "emulated-headline-sweep", tmp_path)
+
+
+def test_backends_figure_draws_each_run_s_steps_summing_to_its_pause(emulated_results, tmp_path):
+    """plot_backends' bars are the runs' own checkpoint steps: each run's bars add up to its STOP -> RESUME."""
+    a, b = emulated_results["cpr-transfer"], emulated_results["normal"]
+    fig = plots.plot_backends(a, b)
+    ax = fig.axes[0]
+    for container, r in zip(ax.containers, (a, b), strict=True):
+        total = sum(bar.get_width() for bar in container)
+        assert total == pytest.approx(r.pause_ms["events"], abs=0.01), r.mode
+    assert_readable(fig, "emulated-backends", tmp_path)
 
 
 def test_times_start_at_zero_and_sequence_draws_the_real_channels(emulated_results):
@@ -184,8 +216,12 @@ def test_overlap_check_can_fail():
 
 @pytest.mark.qemu
 @pytest.mark.skipif(qemu_missing() is not None, reason=f"{qemu_missing()}")
-def test_every_plot_kind_is_readable_qemu(tmp_path):
+def test_every_plot_kind_is_readable_qemu(emulated_results, tmp_path):
     results = {
         m: migrate(backend="qemu", mode=m, ram="64M", dirty_rate="16M", max_bandwidth="1G") for m in MODES
     }
     render_all(results, tmp_path, "qemu")
+    # the figure that compares the backends, as notebook 03 draws it
+    fig = plots.plot_backends(emulated_results["cpr-transfer"], results["cpr-transfer"])
+    assert "emulated backend against qemu backend" in _title(fig)
+    assert_readable(fig, "both-backends", tmp_path)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from labkit.backends.qemu import qemu_missing
-from labkit.walkthrough import step_through_switchover
+from labkit.breakdown import compare_steps
+from labkit.lab import migrate
+from labkit.walkthrough import BackendComparison, check_comparison, compare_backends, step_through_switchover
 
 _MISSING = qemu_missing()
 
@@ -47,3 +49,49 @@ def test_step_through_switchover_on_real_qemu():
     walk = step_through_switchover(backend="qemu", ram="256M")
     _check(walk)
     assert walk.argv["source"][0].endswith("qemu-system-x86_64")
+
+
+def _check_comparison(cmp, backends) -> None:
+    """Both runs completed with the guest's memory verified; each backend's steps add up to its own pause, and
+    `longer` and `widest_step` say what the numbers say."""
+    assert list(cmp.results) == list(backends)
+    for b, r in cmp.results.items():
+        assert r.status == "completed" and r.guest_verified is True, (b, r.error)
+        assert cmp.steps[b].sum() == pytest.approx(r.pause_ms["events"], abs=0.01), b
+    pauses = {b: r.pause_ms["events"] for b, r in cmp.results.items()}
+    assert pauses[cmp.longer] == max(pauses.values())
+    diff = (cmp.steps[backends[1]] - cmp.steps[backends[0]]).abs()
+    widest = cmp.steps.loc[diff.idxmax(), "step"]
+    assert widest.endswith(" -> " + cmp.widest_step)
+    assert list(cmp.steps["step"])[0].startswith("STOP -> ") and list(cmp.steps["step"])[-1].endswith(
+        "RESUME"
+    )
+
+
+@pytest.mark.timeout(90)
+def test_comparison_logic_on_two_emulated_runs():
+    """The comparison's own logic where QEMU is absent: two real emulated runs (cpr-transfer and normal, whose
+    pauses differ) compared step by step as the two backends are."""
+    runs = {
+        m: migrate(mode=m, ram="64M", dirty_rate="16M", max_bandwidth="1G")
+        for m in ("cpr-transfer", "normal")
+    }
+    cmp = BackendComparison(runs, compare_steps({m: r.pause_breakdown for m, r in runs.items()}))
+    _check_comparison(cmp, ("cpr-transfer", "normal"))
+    right = check_comparison(cmp, cmp.longer, cmp.widest_step)
+    wrong = check_comparison(cmp, "no-such-backend", "no-such-checkpoint")
+    empty = check_comparison(cmp, ..., ...)
+    assert [v.verdict for v in right] == ["right", "right"]
+    assert [v.verdict for v in wrong] == ["not quite", "not quite"]
+    assert [v.verdict for v in empty] == ["not answered yet", "not answered yet"]
+    assert "took longer in that step" in right[1].why and right[0].why.startswith(cmp.longer)
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(_MISSING is not None, reason=f"{_MISSING}")
+@pytest.mark.timeout(120)
+def test_compare_backends_on_the_emulator_and_real_qemu():
+    cmp = compare_backends(ram="64M", dirty_rate="16M")
+    _check_comparison(cmp, ("emulated", "qemu"))
+    assert cmp.results["qemu"].backend == "qemu" and cmp.results["emulated"].backend == "emulated"
+    assert [v.verdict for v in check_comparison(cmp, cmp.longer, cmp.widest_step)] == ["right", "right"]

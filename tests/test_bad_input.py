@@ -66,7 +66,7 @@ CASES = [
     Case([*MIGRATE, "--backend", "qemu", "--memory-backend", "ram"], "(labkit: use --memory-backend", qemu=True),
     # a guest that dirties memory faster than the link: the timeout says why and what to change
     Case(
-        [*MIGRATE, "--mode", "normal", "--dirty-rate", "1G", "--max-bandwidth", "64M", "--timeout", "3"],
+        [*MIGRATE, "--mode", "normal", "--dirty-rate", "1G", "--max-bandwidth", "64M", "--timeout", "10"],
         "16x what --max-bandwidth 64.0 MiB/s carries, so pre-copy never converges",
     ),
     Case(["bench", "--reps", "0"], "--reps: 0: must be at least 1"),

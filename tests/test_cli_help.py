@@ -48,15 +48,22 @@ def _free_port() -> int:
 
 
 def _line_with(proc: subprocess.Popen, stream, text: str, timeout: float) -> str:
+    """Wait for a line holding `text`. Reads the raw fd (os.read), never the text wrapper: a wrapper's
+    readline() can pull several lines into its own buffer, after which select() sees nothing left to read."""
     deadline = time.monotonic() + timeout
+    fd, pending = stream.fileno(), b""
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([stream], [], [], 0.5)
-        if ready:
-            line = stream.readline()
-            if text in line:
-                return line
-            if not line and proc.poll() is not None:
-                break
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if not ready:
+            continue
+        chunk = os.read(fd, 65536)
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if text in line.decode(errors="replace"):
+                return line.decode(errors="replace")
+        if not chunk and proc.poll() is not None:
+            break
     raise AssertionError(f"no line with {text!r} within {timeout} s")
 
 

@@ -51,6 +51,7 @@ from labkit.vm.migration.cpr import (
     QEMU_CPR_FILE_VERSION,
     CprError,
     CprFd,
+    _BytesSource,
     _cpr_parse,
     _encode_name,
 )
@@ -139,25 +140,10 @@ def cpr_exec_has_state() -> bool:
     return CPR_EXEC_STATE_NAME in os.environ
 
 
-class _FdNumberSource:
+class _FdNumberSource(_BytesSource):
     """The state memfd's bytes, read as QEMU's get_fd reads them in cpr-exec mode: the fd is a be32 number."""
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.offset = 0
-
-    def read(self, n: int, what: str) -> bytes:
-        have = len(self.data) - self.offset
-        if have < n:
-            raise CprError(
-                f"CPR state truncated: the {CPR_EXEC_STATE_NAME} memfd ends at offset {len(self.data)} "
-                f"while reading {what}"
-            )
-        out = self.data[self.offset : self.offset + n]
-        self.offset += n
-        return out
-
-    def take_fd(self, what: str) -> int:
+    def take_fd(self, what: str) -> int:  # type: ignore[override]
         (fd,) = struct.unpack(">i", self.read(4, f"the fd number of {what}"))
         return fd
 

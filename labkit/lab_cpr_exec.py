@@ -139,7 +139,7 @@ class CprExecPhases:
         self.migrate_lab_info = record.get("x-labkit-query-migrate", {})
         self.src_checkpoints = [
             {**c, "kind": "checkpoint", "detail": ""}
-            for c in self.migrate_lab_info.get("checkpoints", [])
+            for c in record.get("checkpoints", [])
         ]
         self.src_events = record.get("events", [])
         self.src_state = record.get("runstate", "(exec'd)")

@@ -458,6 +458,7 @@ class MigrationState:
             "runstate": self.vm.runstate.state,
             "query-migrate": self.qmp_query_migrate({}),
             "x-labkit-query-migrate": self.qmp_labkit_query_migrate({}),
+            "checkpoints": self.checkpoint_list(),
             "events": [e for e in self.vm.events if e.get("monotonic-ns", 0) >= t0 - 1_000_000][-500:],
             "cpr-exec-state-bytes": self.cpr_exec_state_bytes,
         }
@@ -750,7 +751,6 @@ class MigrationState:
         out: dict = {
             "mode": self.mode(),
             "held-at": self.held_at,
-            "checkpoints": [{"name": n, "monotonic-ns": t} for n, t in self.checkpoints],
         }
         if self.status != "none":
             out["source"] = {

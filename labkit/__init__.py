@@ -7,16 +7,16 @@ Names load on first use, so the VM process (which imports labkit.vm) does not pa
 __version__ = "0.1.0"
 
 _LAZY = {
-    "VMConfig": ("labkit.config", "VMConfig"),
-    "GuestConfig": ("labkit.config", "GuestConfig"),
-    "spawn": ("labkit.machine", "spawn"),
-    "Machine": ("labkit.machine", "Machine"),
-    "Lab": ("labkit.lab", "Lab"),
-    "Snapshot": ("labkit.lab", "Snapshot"),
-    "migrate": ("labkit.lab", "migrate"),
-    "Result": ("labkit.results", "Result"),
-    "plots": ("labkit.plots", None),
-    "widgets": ("labkit.widgets", None),
+    "VMConfig": ("labkit.host.hardware", "VMConfig"),
+    "GuestConfig": ("labkit.qemu_syntax", "GuestConfig"),
+    "spawn": ("labkit.host.machine", "spawn"),
+    "Machine": ("labkit.host.machine", "Machine"),
+    "Lab": ("labkit.lab.engine", "Lab"),
+    "Snapshot": ("labkit.lab.engine", "Snapshot"),
+    "migrate": ("labkit.lab.engine", "migrate"),
+    "Result": ("labkit.lab.report", "Result"),
+    "plots": ("labkit.measure.plots", None),
+    "widgets": ("labkit.teach.widgets", None),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -5,7 +5,7 @@
     python scripts/fault_table.py --from out.json # renders from a recording made earlier
                                                   # (LABKIT_FAULTS_JSON=out.json pytest tests/test_faults.py)
 
-The rows come from labkit.faults.FAULTS (what is broken, where, what QEMU's rules expect); the outcome columns
+The rows come from faults.FAULTS (what is broken, where, what QEMU's rules expect); the outcome columns
 come only from the recording: each passing scenario appends what it saw. A fault point whose test did not pass
 is shown as such, never filled in from the expectations.
 """
@@ -21,9 +21,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the fault table is test support: tests/faults.py
 
-from labkit.faults import FAULTS  # noqa: E402
+from faults import FAULTS  # noqa: E402
 
 HEADER = """# Faults mid-migration
 

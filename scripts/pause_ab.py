@@ -4,7 +4,7 @@
 On a shared machine the load changes from minute to minute, so two bench runs minutes apart compare the
 load as much as the code. This runs one emulated cpr-transfer migration with tree A, then one with tree B,
 and so on (each tree's code runs in both VM processes through PYTHONPATH), and prints per tree the median
-STOP -> RESUME and the median time between consecutive checkpoints (labkit.breakdown).
+STOP -> RESUME and the median time between consecutive checkpoints (labkit.lab.breakdown).
 
     python scripts/pause_ab.py A_TREE B_TREE [--pairs 10] [--ram 256M] [--mode cpr-transfer] [--json FILE]
 
@@ -24,7 +24,7 @@ from pathlib import Path
 ONE_RUN = """
 import json, sys
 from dataclasses import asdict
-from labkit.lab import migrate
+from labkit.lab.engine import migrate
 r = migrate(mode=sys.argv[1], ram=sys.argv[2], prefill=True, seed=int(sys.argv[3]))
 assert r.status == "completed" and r.guest_verified, (r.error, r.verify)
 print(json.dumps({"events": r.pause_ms["events"], "guest": r.pause_ms["guest"],
@@ -53,7 +53,7 @@ def main() -> None:
     p.add_argument("--json", help="write every run and the medians here")
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from labkit.breakdown import breakdown_steps
+    from labkit.lab.breakdown import breakdown_steps
 
     runs: dict[str, list[dict]] = {t: [] for t in args.trees}
     for i in range(args.pairs):

@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 
-from labkit.qmp import _LoopThread
+from labkit.host.qmp_sync import _LoopThread
 
 
 def pytest_addoption(parser):

@@ -16,10 +16,11 @@ import time
 import pytest
 from helpers import CPR_TRANSFER_SOURCE_EVENTS
 
-from labkit.backends.qemu import QemuOps, parse_ramblocks, qemu_argv, qemu_missing, wall_to_monotonic_ns
-from labkit.config import GuestConfig, MiB, VMConfig
-from labkit.lab import Lab
-from labkit.machine import VMStartError, spawn
+from labkit.host.hardware import VMConfig
+from labkit.host.machine import VMStartError, spawn
+from labkit.host.runners.qemu import QemuOps, parse_ramblocks, qemu_argv, qemu_missing, wall_to_monotonic_ns
+from labkit.lab.engine import Lab
+from labkit.qemu_syntax import GuestConfig, MiB
 
 _MISSING = qemu_missing()
 pytestmark = [pytest.mark.qemu, pytest.mark.skipif(_MISSING is not None, reason=f"{_MISSING}")]
@@ -184,8 +185,8 @@ def test_paced_guest_sees_a_stop_inside_its_pacing_wait():
 def test_qemu_dies_with_the_process_that_spawned_it():
     code = (
         "import sys, time\n"
-        "from labkit.config import VMConfig\n"
-        "from labkit.machine import VMStartError, spawn\n"
+        "from labkit.host.hardware import VMConfig\n"
+        "from labkit.host.machine import VMStartError, spawn\n"
         "m = spawn(VMConfig(name='orphan', ram=32 << 20), backend='qemu')\n"
         "print(m.pid, flush=True)\n"
         "time.sleep(60)\n"
@@ -268,7 +269,7 @@ def test_lab_cpr_reboot_on_qemu_restores_from_the_file():
 
 @pytest.mark.timeout(90)
 def test_cli_memory_backend_ram_fails_with_qemus_text(capsys):
-    from labkit.cli import main
+    from labkit.cli.main import main
 
     rc = main(["migrate", "--backend", "qemu", "--ram", "64M", "--memory-backend", "ram", "--share", "off"]
               + ["--json"])  # fmt: skip

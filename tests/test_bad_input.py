@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from labkit.backends.qemu import qemu_missing
-from labkit.lab import Lab, LabError
-from labkit.limits import available_memory
+from labkit.host.limits import available_memory
+from labkit.host.runners.qemu import qemu_missing
+from labkit.lab.engine import Lab, LabError
 
 ROOT = Path(__file__).resolve().parents[1]
 QEMU_MISSING = qemu_missing()
@@ -95,7 +95,7 @@ CASES = [
 
 
 def _cmd(case: Case) -> list[str]:
-    module = "labkit.cli" if case.prog == "labkit" else "labkit.vm"
+    module = "labkit.cli.main" if case.prog == "labkit" else "labkit.vm"
     return [sys.executable, "-m", module, *case.argv]
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from labkit.lab import PHASES
+from labkit.lab.engine import PHASES
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "02-cpr-transfer-step-by-step.ipynb"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from labkit.cli import main
+from labkit.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -79,10 +79,10 @@ def test_labkit_vm_without_qmp_warns():
 
 
 def test_labkit_vm_subcommand_passes_qemu_options_through(tmp_path):
-    from labkit.qmp import QMP
+    from labkit.host.qmp_sync import QMP
 
     sock = str(tmp_path / "q.sock")
-    argv = [sys.executable, "-m", "labkit.cli", "vm", "-m", "64M",
+    argv = [sys.executable, "-m", "labkit.cli.main", "vm", "-m", "64M",
             "-machine", "q35,aux-ram-share=on,memory-backend=ram0",
             "-object", "memory-backend-memfd,id=ram0,size=64M,share=on",
             "-qmp", f"unix:{sock},server=on,wait=off", "-x-guest", "dirty-rate=1M"]  # fmt: skip
@@ -105,7 +105,7 @@ def test_labkit_vm_subcommand_passes_qemu_options_through(tmp_path):
 def test_labkit_lab_prints_a_url_jupyterlab_answers():
     port = _free_port()
     p = subprocess.Popen(
-        [sys.executable, "-m", "labkit.cli", "lab", "--port", str(port)],
+        [sys.executable, "-m", "labkit.cli.main", "lab", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV,
     )  # fmt: skip
     try:

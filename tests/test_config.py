@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from labkit.config import GiB, GuestConfig, KiB, MiB, SizeError, VMConfig, format_size, parse_size
+from labkit.host.hardware import VMConfig
+from labkit.qemu_syntax import GiB, GuestConfig, KiB, MiB, SizeError, format_size, parse_size
 from labkit.vm.options import OptionError, parse_args
 
 

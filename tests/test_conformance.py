@@ -17,13 +17,14 @@ import tempfile
 import pytest
 from helpers import CPR_TRANSFER_SOURCE_EVENTS, unix, wait_for
 
-from labkit.backends import get_backend
-from labkit.backends import qemu_guest as qg
-from labkit.backends.qemu import qemu_missing
-from labkit.config import GuestConfig, MiB, VMConfig
-from labkit.lab import Lab
-from labkit.machine import spawn
-from labkit.qmp import QMPCommandError
+from labkit.host.hardware import VMConfig
+from labkit.host.machine import spawn
+from labkit.host.qmp_sync import QMPCommandError
+from labkit.host.runners import get_backend
+from labkit.host.runners import qemu_guest as qg
+from labkit.host.runners.qemu import qemu_missing
+from labkit.lab.engine import Lab
+from labkit.qemu_syntax import GuestConfig, MiB
 
 _MISSING = qemu_missing()
 pytestmark = [pytest.mark.qemu, pytest.mark.skipif(_MISSING is not None, reason=f"{_MISSING}")]

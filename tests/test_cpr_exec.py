@@ -17,10 +17,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from labkit.backends.emulated import emulated_argv
-from labkit.config import GuestConfig, VMConfig
-from labkit.lab import Lab
-from labkit.machine import Machine
+from labkit.host.hardware import VMConfig
+from labkit.host.machine import Machine
+from labkit.host.runners.emulated import emulated_argv
+from labkit.lab.engine import Lab
+from labkit.qemu_syntax import GuestConfig
 from labkit.vm.memory import CPR_BLOCKER_TEXT
 from labkit.vm.migration.cpr_exec import CPR_EXEC_STATE_NAME, IGNORED_CHANNEL_TEXT, NO_COMMAND_TEXT
 from tests.helpers import CPR_TRANSFER_SOURCE_EVENTS, unix, wait_for
@@ -214,7 +215,7 @@ def test_cli_cpr_exec_1g_json():
     """Done when: `labkit migrate --mode cpr-exec --ram 1G --json` completes, verified, one PID, ram0 the same
     inode at a new address, no cpr channel bytes; nothing is left running."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "labkit.cli", "migrate", "--mode", "cpr-exec", "--ram", "1G", "--json"]
+    cmd = [sys.executable, "-m", "labkit.cli.main", "migrate", "--mode", "cpr-exec", "--ram", "1G", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=110, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
@@ -239,7 +240,7 @@ def test_every_mode_reports_both_pids():
 
 def test_qemu_backend_refuses_cpr_exec_naming_the_version():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "labkit.cli", "migrate", "--backend", "qemu", "--mode", "cpr-exec"]
+    cmd = [sys.executable, "-m", "labkit.cli.main", "migrate", "--backend", "qemu", "--mode", "cpr-exec"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
     assert out.returncode == 1 and out.stdout == ""
     lines = out.stderr.strip().splitlines()
@@ -250,7 +251,7 @@ def test_the_new_program_still_dies_with_the_lab():
     """PR_SET_PDEATHSIG survives execve (it is cleared only for set-user-ID programs): a VM that cpr-exec'd
     still gets SIGKILL when the process that spawned it dies."""
     script = (
-        "from labkit.lab import Lab\n"
+        "from labkit.lab.engine import Lab\n"
         "import time\n"
         "lab = Lab(mode='cpr-exec', ram='32M')\n"
         "r = lab.run()\n"

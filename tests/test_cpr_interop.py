@@ -21,11 +21,11 @@ import threading
 import pytest
 from helpers import unix, wait_for
 
-from labkit.backends.qemu import parse_ramblocks, qemu_missing
-from labkit.backends.qemu_guest import qemu_binary
-from labkit.config import VMConfig
-from labkit.inspect import read_fds, read_maps
-from labkit.machine import Machine
+from labkit.host.hardware import VMConfig
+from labkit.host.machine import Machine
+from labkit.host.procfs import read_fds, read_maps
+from labkit.host.runners.qemu import parse_ramblocks, qemu_missing
+from labkit.host.runners.qemu_guest import qemu_binary
 from labkit.vm.migration.cpr import CprFd, cpr_inspect_listen, cpr_state_save
 
 _MISSING = qemu_missing()

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from labkit.backends import qemu_guest as qg
-from labkit.config import VMConfig
-from labkit.exercises import (
+from labkit.host.hardware import VMConfig
+from labkit.host.runners import qemu_guest as qg
+from labkit.teach.exercises import (
     CHECKS,
     EXERCISES,
     Check,

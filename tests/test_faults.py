@@ -1,4 +1,4 @@
-"""Faults at every phase of a migration, for every mode, on real processes (the table is labkit.faults.FAULTS).
+"""Faults at every phase of a migration, for every mode, on real processes (the table is faults.FAULTS).
 
 Each scenario holds the migration at an exact point (hold points, or a StreamRelay on the main channel), breaks
 it (SIGKILL, SIGSTOP, a cut channel, migrate_cancel, a truncated file), then checks QEMU's rules: before
@@ -23,10 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import unix, wait_for
-
-from labkit.config import GuestConfig, MiB, VMConfig
-from labkit.faults import (
+from faults import (
     DEVICE_SECTION_MARK,
     FAULTS,
     FaultPoint,
@@ -34,8 +31,12 @@ from labkit.faults import (
     fd_census,
     unix_socket_listening,
 )
-from labkit.machine import Machine, spawn
-from labkit.qmp import QMPCommandError
+from helpers import unix, wait_for
+
+from labkit.host.hardware import VMConfig
+from labkit.host.machine import Machine, spawn
+from labkit.host.qmp_sync import QMPCommandError
+from labkit.qemu_syntax import GuestConfig, MiB
 
 pytestmark = pytest.mark.timeout(60)
 

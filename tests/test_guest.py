@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from labkit.config import GuestConfig, MiB
-from labkit.inspect import read_maps
+from labkit.host.procfs import read_maps
+from labkit.qemu_syntax import GuestConfig, MiB
 from labkit.vm.guest import Guest, verify_guest_memory
 from labkit.vm.memory import IMPLICIT_BLOCKS, ram_blocks_create, verify_roms
 from labkit.vm.options import parse_args

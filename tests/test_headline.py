@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from labkit.config import parse_size
-from labkit.sweeps import HEADLINE, headline_sweep, plot_headline, watch_precopy
+from labkit.measure.sweeps import HEADLINE, headline_sweep, plot_headline, watch_precopy
+from labkit.qemu_syntax import parse_size
 
 
 @pytest.mark.timeout(240)

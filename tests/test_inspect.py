@@ -1,4 +1,4 @@
-"""labkit.inspect: /proc/PID/maps, /proc/PID/fd and /proc/PID/pagemap on real memfds and mmaps."""
+"""labkit.host.procfs: /proc/PID/maps, /proc/PID/fd and /proc/PID/pagemap on real memfds and mmaps."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from labkit.inspect import (
+from labkit.host.procfs import (
     PAGE_SIZE,
     Mapping,
     memfd_fds,

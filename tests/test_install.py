@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from labkit.backends.qemu import qemu_missing
+from labkit.host.runners.qemu import qemu_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.install, pytest.mark.timeout(600)]

@@ -9,9 +9,9 @@ import sys
 import matplotlib
 import pytest
 
-from labkit import plots
-from labkit.lab import PHASES, Lab, LabError, migrate
-from labkit.results import concat, read_csv
+from labkit.lab.engine import PHASES, Lab, LabError, migrate
+from labkit.lab.report import concat, read_csv
+from labkit.measure import plots
 
 matplotlib.use("Agg")
 pytestmark = pytest.mark.timeout(120)
@@ -171,7 +171,7 @@ def test_bad_mode_is_refused():
 def test_labkit_demo_writes_figures(tmp_path):
     out = tmp_path / "demo"
     p = subprocess.run(
-        [sys.executable, "-m", "labkit.cli", "demo", "--ram", "64M", "--out", str(out)],
+        [sys.executable, "-m", "labkit.cli.main", "demo", "--ram", "64M", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=110,

@@ -18,11 +18,12 @@ import time
 from dataclasses import replace
 
 import pytest
+from faults import StreamRelay, fd_census, unix_socket_listening
 from helpers import wait_for
 
-from labkit.config import GuestConfig, MiB, VMConfig
-from labkit.faults import StreamRelay, fd_census, unix_socket_listening
-from labkit.machine import Machine, spawn
+from labkit.host.hardware import VMConfig
+from labkit.host.machine import Machine, spawn
+from labkit.qemu_syntax import GuestConfig, MiB
 from labkit.vm.migration.stream import (
     QEMUFileOut,
     qemu_save_device_state,

@@ -8,7 +8,7 @@ import socket
 import psutil
 import pytest
 
-from labkit.memfd_demo import (
+from labkit.teach.memfd_demo import (
     MiB,
     Receiver,
     fd_target,

@@ -10,10 +10,11 @@ import time
 import pytest
 from helpers import CPR_TRANSFER_SOURCE_EVENTS, unix
 
-from labkit.config import GuestConfig, MiB, VMConfig
-from labkit.lab import Lab, migrate
-from labkit.machine import spawn
-from labkit.qmp import QMPCommandError
+from labkit.host.hardware import VMConfig
+from labkit.host.machine import spawn
+from labkit.host.qmp_sync import QMPCommandError
+from labkit.lab.engine import Lab, migrate
+from labkit.qemu_syntax import GuestConfig, MiB
 
 pytestmark = pytest.mark.timeout(90)
 

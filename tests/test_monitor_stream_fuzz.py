@@ -28,9 +28,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from labkit.backends.qemu import qemu_missing
-from labkit.config import GuestConfig, VMConfig
-from labkit.machine import Machine
+from labkit.host.hardware import VMConfig
+from labkit.host.machine import Machine
+from labkit.host.runners.qemu import qemu_missing
+from labkit.qemu_syntax import GuestConfig
 
 pytestmark = pytest.mark.timeout(300)
 ANSWER_BOUND = 30.0  # seconds for the sentinel's answer after a stream: a hang, not a slow answer, fails

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from labkit import pause_breakdown as pb
+from labkit.measure import pause_breakdown as pb
 
 pytestmark = pytest.mark.timeout(240)
 

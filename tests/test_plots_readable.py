@@ -15,12 +15,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.container import BarContainer
 from matplotlib.text import Text
 
-from labkit import plots
-from labkit.backends.qemu import qemu_missing
-from labkit.lab import migrate
-from labkit.pause_breakdown import plot_results
-from labkit.results import concat
-from labkit.sweeps import headline_sweep, plot_headline, plot_main_bytes, plot_total
+from labkit.host.runners.qemu import qemu_missing
+from labkit.lab.engine import migrate
+from labkit.lab.report import concat
+from labkit.measure import plots
+from labkit.measure.pause_breakdown import plot_results
+from labkit.measure.sweeps import headline_sweep, plot_headline, plot_main_bytes, plot_total
 
 matplotlib.use("Agg")
 pytestmark = pytest.mark.timeout(600)

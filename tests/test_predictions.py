@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from labkit.predictions import NOT_YET, RIGHT, WRONG, check_order, check_prediction, grows, order_of
+from labkit.teach.predictions import NOT_YET, RIGHT, WRONG, check_order, check_prediction, grows, order_of
 
 
 @pytest.mark.parametrize("placeholder", [..., None, "", "  ", [], [..., ...]])

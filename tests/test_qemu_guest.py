@@ -1,4 +1,4 @@
-"""labkit.backends.qemu_guest without QEMU: the guest builds, and the memory checker tells intact pages
+"""labkit.host.runners.qemu_guest without QEMU: the guest builds, and the memory checker tells intact pages
 from torn, lost and foreign ones, on a real memfd laid out the way the guest lays out its RAM."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import struct
 import numpy as np
 import pytest
 
-from labkit.backends import qemu_guest as qg
+from labkit.host.runners import qemu_guest as qg
 
 RAM = 8 << 20  # pages 0x200..0x800 patterned
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from helpers import CPR_TRANSFER_SOURCE_EVENTS
 
-from labkit.backends import qemu_guest as qg
+from labkit.host.runners import qemu_guest as qg
 
 qmp_legacy = pytest.importorskip("qemu.qmp.legacy")
 

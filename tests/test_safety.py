@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from labkit.scenarios import cancel_during_hangup_wait, cont_after_handoff, source_dies_after_handoff
+from labkit.teach.stories import cancel_during_hangup_wait, cont_after_handoff, source_dies_after_handoff
 
 
 def _seen(frame, sent: str) -> list:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from labkit.scenarios import (
+from labkit.teach.stories import (
     cpr_reboot_walkthrough,
     defer_walkthrough,
     destination_dies,

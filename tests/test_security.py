@@ -18,13 +18,14 @@ from pathlib import Path
 
 import psutil
 import pytest
+from faults import unix_socket_listening
 from helpers import wait_for
 
 import labkit
-from labkit.config import MiB, VMConfig
-from labkit.faults import unix_socket_listening
-from labkit.lab import Lab
-from labkit.machine import Machine, spawn
+from labkit.host.hardware import VMConfig
+from labkit.host.machine import Machine, spawn
+from labkit.lab.engine import Lab
+from labkit.qemu_syntax import MiB
 
 pytestmark = pytest.mark.timeout(45)
 

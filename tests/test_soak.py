@@ -16,12 +16,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+from faults import unix_socket_listening
 from helpers import unix, wait_for
 
-from labkit.config import GuestConfig, MiB, VMConfig
-from labkit.faults import unix_socket_listening
-from labkit.inspect import read_fds
-from labkit.machine import Machine, spawn
+from labkit.host.hardware import VMConfig
+from labkit.host.machine import Machine, spawn
+from labkit.host.procfs import read_fds
+from labkit.qemu_syntax import GuestConfig, MiB
 
 RAM = 32 * MiB
 MODES = ("normal", "cpr-transfer", "cpr-reboot")

@@ -21,11 +21,12 @@ from pathlib import Path
 import pytest
 from helpers import unix, wait_for
 
-from labkit.backends import qemu_guest as qg
-from labkit.backends.qemu import default_bios, parse_ramblocks, qemu_missing
-from labkit.config import GuestConfig, MiB, VMConfig
-from labkit.machine import spawn
-from labkit.stream_inspect import inspect_stream, main, read_vmdesc_tail
+from labkit.host.hardware import VMConfig
+from labkit.host.machine import spawn
+from labkit.host.runners import qemu_guest as qg
+from labkit.host.runners.qemu import default_bios, parse_ramblocks, qemu_missing
+from labkit.measure.stream_inspect import inspect_stream, main, read_vmdesc_tail
+from labkit.qemu_syntax import GuestConfig, MiB
 from labkit.vm.migration import stream as s
 from labkit.vm.migration.vmstate import q35_savevm_handlers
 

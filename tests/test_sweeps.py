@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from labkit.sweeps import (
+from labkit.measure.sweeps import (
     model_vs_measured,
     plot_main_bytes,
     plot_reference,

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from labkit.backends.qemu import qemu_argv, qemu_missing
-from labkit.backends.qemu_trace import (
+from labkit.host.hardware import VMConfig
+from labkit.host.runners.qemu import qemu_argv, qemu_missing
+from labkit.host.runners.qemu_trace import (
     TRACE_EVENTS,
     parse_trace_line,
     parse_trace_log,
@@ -20,9 +21,8 @@ from labkit.backends.qemu_trace import (
     strip_msg_timestamps,
     trace_argv,
 )
-from labkit.breakdown import PAUSE_CHECKPOINTS, breakdown_steps, pause_breakdown
-from labkit.config import VMConfig
-from labkit.results import Result, TimelineRow
+from labkit.lab.breakdown import PAUSE_CHECKPOINTS, breakdown_steps, pause_breakdown
+from labkit.lab.report import Result, TimelineRow
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -209,7 +209,7 @@ def check_checkpoints(r: Result, mode: str) -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["cpr-transfer", "normal", "cpr-reboot"])
 def test_emulator_passes_qemus_checkpoints_in_qemus_order(mode):
-    from labkit.lab import migrate
+    from labkit.lab.engine import migrate
 
     r = migrate(mode=mode, ram="64M", dirty_rate="16M")
     check_checkpoints(r, mode)
@@ -224,7 +224,7 @@ _QEMU_MISSING = qemu_missing()
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["cpr-transfer", "normal"])
 def test_qemu_timeline_shows_qemus_own_checkpoints(mode):
-    from labkit.lab import migrate
+    from labkit.lab.engine import migrate
 
     r = migrate(backend="qemu", mode=mode, ram="64M")
     check_checkpoints(r, mode)
@@ -237,7 +237,7 @@ def test_qemu_timeline_shows_qemus_own_checkpoints(mode):
 
 
 def test_bench_reports_the_breakdown_per_backend_and_mode():
-    from labkit.bench import format_breakdown, summarise_breakdown
+    from labkit.measure.bench import format_breakdown, summarise_breakdown
 
     def row(backend, mode, status="completed"):
         rows = pause_breakdown(timeline_from_logs(mode))

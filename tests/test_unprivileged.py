@@ -8,9 +8,9 @@ import mmap
 import os
 from pathlib import Path
 
-from labkit.doctor import doctor, format_doctor
-from labkit.inspect import page_frames
-from labkit.jupyter import default_notebooks, jupyter_argv
+from labkit.cli.doctor import doctor, format_doctor
+from labkit.cli.jupyter import default_notebooks, jupyter_argv
+from labkit.host.procfs import page_frames
 
 ROOT_USER = os.geteuid() == 0
 

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from labkit.backends.qemu import qemu_missing
-from labkit.breakdown import compare_steps
-from labkit.lab import migrate
-from labkit.walkthrough import BackendComparison, check_comparison, compare_backends, step_through_switchover
+from labkit.host.runners.qemu import qemu_missing
+from labkit.lab.breakdown import compare_steps
+from labkit.lab.engine import migrate
+from labkit.teach.walkthrough import (
+    BackendComparison,
+    check_comparison,
+    compare_backends,
+    step_through_switchover,
+)
 
 _MISSING = qemu_missing()
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import psutil
 import pytest
 
-from labkit.lab import PHASES, Lab
-from labkit.widgets import Stepper, figure_png, lab_arguments
+from labkit.lab.engine import PHASES, Lab
+from labkit.teach.widgets import Stepper, figure_png, lab_arguments
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -17,8 +17,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module", autouse=True)
 def _warm_fonts():
     """matplotlib opens its font files once per process and keeps them: not a leak of this test."""
-    from labkit.plots import plot_address_space
-    from labkit.results import MappingRow
+    from labkit.lab.report import MappingRow
+    from labkit.measure.plots import plot_address_space
 
     rows = [
         MappingRow(side, "ram0", 1 << 40, (1 << 40) + 4096, 4096, 1, "") for side in ("source", "destination")
@@ -201,6 +201,6 @@ def test_a_failing_factory_keeps_the_panel_alive():
 
 
 def test_figure_png_is_a_png():
-    from labkit.plots import plot_address_space
+    from labkit.measure.plots import plot_address_space
 
     assert figure_png(plot_address_space([])).startswith(PNG)

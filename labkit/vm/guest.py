@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from labkit.config import GuestConfig
+from labkit.qemu_syntax import GuestConfig
 from labkit.vm.memory import PAGE_SIZE, RAMBlock
 
 MAGIC = 0x31474B4954494B4C  # b"LKITKG1" little-endian-ish tag: marks a formatted guest header

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from labkit.config import GUEST_PATTERNS, MEMORY_BACKENDS, GuestConfig, SizeError, parse_size
+from labkit.qemu_syntax import GUEST_PATTERNS, MEMORY_BACKENDS, GuestConfig, SizeError, parse_size
 
 PROG = "labkit-vm"
 MIN_RAM_SIZE = 1 << 20  # the guest's header page, its generation table and its data pages need at least this
@@ -55,7 +55,7 @@ class HelpRequested(Exception):
 def _check_ram_size(size: int) -> None:
     """QEMU would round a tiny -m up; the emulated guest needs room for its own tables, so refuse instead."""
     if size < MIN_RAM_SIZE:
-        from labkit.config import human_size
+        from labkit.qemu_syntax import human_size
 
         raise OptionError(f"RAM size {human_size(size)} is below the emulator's minimum of 1 MiB")
 

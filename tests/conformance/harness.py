@@ -22,13 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from labkit.backends import get_backend
-from labkit.backends.qemu import parse_ramblocks, qemu_argv
-from labkit.backends.qemu_trace import strip_msg_timestamps
-from labkit.config import GiB, KiB, MiB, VMConfig, format_size
-from labkit.inspect import read_maps
-from labkit.machine import Machine
-from labkit.qmp import QMPCommandError
+from labkit.host.hardware import VMConfig
+from labkit.host.machine import Machine
+from labkit.host.procfs import read_maps
+from labkit.host.qmp_sync import QMPCommandError
+from labkit.host.runners import get_backend
+from labkit.host.runners.qemu import parse_ramblocks, qemu_argv
+from labkit.host.runners.qemu_trace import strip_msg_timestamps
+from labkit.qemu_syntax import GiB, KiB, MiB, format_size
 from labkit.vm.migration.cpr import CprFd, cpr_inspect, cpr_state_save
 
 from .capture import CprSink, MainTee, wait_listening
@@ -210,7 +211,7 @@ def stream_checks(obs: Observation, data: bytes) -> None:
 
 
 def source_config(**kw) -> VMConfig:
-    from labkit.config import GuestConfig
+    from labkit.qemu_syntax import GuestConfig
 
     return VMConfig(name="src", ram=RAM, guest=GuestConfig(dirty_rate=DIRTY_RATE), **kw)
 

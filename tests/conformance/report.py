@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from labkit.backends import qemu_guest as qg
-from labkit.backends.qemu import qemu_missing
+from labkit.host.runners import qemu_guest as qg
+from labkit.host.runners.qemu import qemu_missing
 
 from .harness import BY_NAME, SCENARIOS, Observation, observe, render
 from .known import Difference, diff, judge, load_known, write_known

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from labkit.backends.qemu import qemu_missing
+from labkit.host.runners.qemu import qemu_missing
 
 from .harness import SCENARIOS, Observation, observe, render
 from .known import diff, judge, load_known

@@ -400,7 +400,7 @@ class MigrationState:
         """cpr_state_save(): connect the cpr channel, send every RAM fd, half-close to await the hang-up."""
         sock = cpr_transfer_output(channel)
         self.cpr_out = sock
-        self.checkpoint("labkit-cpr-connected")  # labkit's marks for the sequence diagram (labkit.plots)
+        self.checkpoint("labkit-cpr-connected")  # labkit's marks for the sequence diagram (labkit.measure.plots)
         # cpr_save_fd() inserts at the head of its list: the block registered last goes first on the wire
         fds = [CprFd(name, 0, fd) for name, fd in reversed(self.vm.ram.cpr_fds())]
         self.bytes_cpr = cpr_state_save(sock, fds)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
-from labkit.config import VMConfig
+from labkit.host.hardware import VMConfig
 
 if TYPE_CHECKING:
-    from labkit.machine import Machine
+    from labkit.host.machine import Machine
 
 
 def emulated_argv(config: VMConfig, qmp_path: str) -> list[str]:

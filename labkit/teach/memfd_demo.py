@@ -6,7 +6,7 @@ Notebook 01 uses these helpers. Everything is real: `memfd_create(2)` makes the 
 memory-backend-memfd calls qemu_memfd_create(), cpr_state_save() sends each RAM block's fd over the cpr channel,
 and the new QEMU's cpr_state_load() + cpr_find_fd() get them back and mmap them.
 
-The child (`python -m labkit.memfd_demo FD`) answers small JSON requests on a SOCK_SEQPACKET socket, so each
+The child (`python -m labkit.teach.memfd_demo FD`) answers small JSON requests on a SOCK_SEQPACKET socket, so each
 request and reply is one message and an fd can ride along with any of them. It exits when the parent closes
 the socket or dies, so it never outlives the notebook.
 """
@@ -22,7 +22,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from labkit.inspect import PAGE_SIZE, FdInfo, Mapping, page_frames, read_fds, read_maps
+from labkit.host.procfs import PAGE_SIZE, FdInfo, Mapping, page_frames, read_fds, read_maps
 
 __all__ = [
     "MiB",
@@ -185,7 +185,7 @@ class Receiver:
         self.bytes_sent = 0  # ordinary bytes that crossed the socket (requests and the dummy byte)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "labkit.memfd_demo", str(theirs.fileno())],
+                [sys.executable, "-m", "labkit.teach.memfd_demo", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
             )

@@ -20,9 +20,9 @@ from typing import Any
 
 import ipywidgets as w
 
-from labkit.config import human_size
-from labkit.lab import Lab, Snapshot
-from labkit.results import MappingRow, Result
+from labkit.lab.engine import Lab, Snapshot
+from labkit.lab.report import MappingRow, Result
+from labkit.qemu_syntax import human_size
 
 __all__ = ["Stepper", "lab_arguments", "figure_png"]
 
@@ -405,7 +405,7 @@ class Stepper:
         self._enable()
 
     def _draw(self) -> None:
-        from labkit.plots import plot_address_space
+        from labkit.measure.plots import plot_address_space
 
         rows = self.mappings()
         title = f"phase {self.snapshot.index}" if self.snapshot else "before the first step"

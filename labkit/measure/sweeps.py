@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from labkit.config import GuestConfig, VMConfig, parse_size
-from labkit.lab import migrate
-from labkit.machine import spawn
+from labkit.host.hardware import VMConfig
+from labkit.host.machine import spawn
+from labkit.lab.engine import migrate
+from labkit.qemu_syntax import GuestConfig, parse_size
 
 # Lab keywords whose values are sizes: the frame holds them in bytes so they plot on one axis
 _SIZE_KEYS = ("dirty_rate", "max_bandwidth", "working_set")
@@ -274,7 +275,7 @@ def plot_reference(frame, y: str = "pause_ms_events") -> list[tuple[Any, str]]:
     """Figures for a reference CSV (per-run rows, or `labkit bench`'s per-cell medians with min and max):
     pause against RAM size at the lowest dirty rate, and against dirty rate at the largest RAM, one pair per
     backend. Returns [(figure or None, a sentence saying what was drawn or why not)]."""
-    from labkit.plots import plot_pause
+    from labkit.measure.plots import plot_pause
 
     frame = _per_run(frame, y)
     missing = [c for c in ("mode", "ram_bytes", y) if c not in frame]
@@ -315,7 +316,7 @@ def describe_runs(frame, columns: Iterable[str] = ("mode", "ram_bytes", "dirty_r
 # -- figures and tables the notebooks read -----------------------------------------------------------------
 def plot_total(frame, x: str = "ram_bytes"):
     """Total migration time (migrate to completed) per mode, drawn like plot_pause."""
-    from labkit.plots import plot_pause
+    from labkit.measure.plots import plot_pause
 
     fig = plot_pause(frame, x=x, y="total_ms")  # its title names the measure and the runs' conditions
     fig.axes[0].set_ylabel("total time (ms, migrate to completed)")
@@ -328,7 +329,7 @@ def plot_headline(frame):
     that grows looks like it grows."""
     from matplotlib.figure import Figure
 
-    from labkit.config import human_size
+    from labkit.qemu_syntax import human_size
 
     fig = Figure(figsize=(10, 3.8))
     first = frame.iloc[0]
@@ -370,7 +371,7 @@ def plot_main_bytes(frame, by: str = "mode"):
     ax.margins(y=0.15)  # room for the labels
     ax.set_ylabel("MiB on the main channel (median)")
     ax.set_xlabel(by)
-    from labkit.plots import frame_conditions
+    from labkit.measure.plots import frame_conditions
 
     held = frame_conditions(frame, x="")
     ax.set_title(f"main-channel bytes by {by}" + (f"\n{held}" if held else ""), fontsize=10)
@@ -379,7 +380,7 @@ def plot_main_bytes(frame, by: str = "mode"):
 
 
 def _human_bytes(n: float) -> str:
-    from labkit.config import human_size
+    from labkit.qemu_syntax import human_size
 
     return human_size(float(n))
 
@@ -389,7 +390,7 @@ def model_vs_measured(frame, downtime_limit_ms: int | None = None):
     max-bandwidth) next to what was measured."""
     import pandas as pd
 
-    from labkit.plots import precopy_model
+    from labkit.measure.plots import precopy_model
 
     rows = []
     for _, run in frame.iterrows():

@@ -9,7 +9,7 @@ that is, the thread id, then gettimeofday() (CLOCK_REALTIME, microseconds; the c
 generates in QEMU 10.0), then the event's name and its formatted arguments. Without `-msg timestamp=on` the
 line has no time at all, so the option is needed; it also puts an ISO time in front of QEMU's own messages on
 stderr. The times are wall-clock: the qemu backend moves them onto CLOCK_MONOTONIC with the same measured
-offset it uses for QMP event timestamps (labkit.backends.qemu.wall_ns_to_monotonic_ns).
+offset it uses for QMP event timestamps (labkit.host.runners.qemu.wall_ns_to_monotonic_ns).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ TRACE_EVENTS = (
     "migration_socket_outgoing_connected",
     "migration_socket_incoming_accepted",
 )
-# the main channel's connect and accept: the pause breakdown counts them as checkpoints (labkit.breakdown)
+# the main channel's connect and accept: the pause breakdown counts them as checkpoints (labkit.lab.breakdown)
 SOCKET_CHECKPOINTS = ("migration_socket_outgoing_connected", "migration_socket_incoming_accepted")
 TRACE_LOG = "qemu-trace.log"  # in the VM's run dir
 

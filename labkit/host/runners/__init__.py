@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from labkit.config import VMConfig
-    from labkit.machine import Machine
+    from labkit.host.hardware import VMConfig
+    from labkit.host.machine import Machine
 
 BACKENDS = ("emulated", "qemu")
 
@@ -42,11 +42,11 @@ class BackendOps(Protocol):
 
 def get_backend(name: str) -> BackendOps:
     if name == "emulated":
-        from labkit.backends.emulated import EmulatedOps
+        from labkit.host.runners.emulated import EmulatedOps
 
         return EmulatedOps()
     if name == "qemu":
-        from labkit.backends.qemu import QemuOps
+        from labkit.host.runners.qemu import QemuOps
 
         return QemuOps()
     raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")

@@ -35,7 +35,7 @@ class TimelineRow:
 
 @dataclass
 class BreakdownRow:
-    """One checkpoint of one migration (labkit.breakdown): when, from the source's STOP event, and since the
+    """One checkpoint of one migration (labkit.lab.breakdown): when, from the source's STOP event, and since the
     checkpoint before it."""
 
     checkpoint: str
@@ -138,7 +138,7 @@ class Result:
 
     def summary(self, include_error: bool = True) -> str:
         """A few readable lines for the terminal (the CLI prints the error once, on stderr, instead)."""
-        from labkit.config import human_size
+        from labkit.qemu_syntax import human_size
 
         p = self.pause_ms
 

@@ -15,10 +15,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from labkit.backends import get_backend
-from labkit.config import GuestConfig, VMConfig, parse_size
-from labkit.machine import Machine
-from labkit.qmp import QMPCommandError
+from labkit.host.hardware import VMConfig
+from labkit.host.machine import Machine
+from labkit.host.qmp_sync import QMPCommandError
+from labkit.host.runners import get_backend
+from labkit.qemu_syntax import GuestConfig, parse_size
 
 
 @dataclass
@@ -208,7 +209,7 @@ class BackendComparison:
     longer and in which step the difference sits."""
 
     results: dict[str, Any]  # backend -> Result
-    steps: Any  # pandas DataFrame from labkit.breakdown.compare_steps
+    steps: Any  # pandas DataFrame from labkit.lab.breakdown.compare_steps
 
     @property
     def longer(self) -> str | None:
@@ -222,7 +223,7 @@ class BackendComparison:
     def widest_step(self) -> str | None:
         """The checkpoint that ends the step where the two pauses differ most (e.g. the destination's
         dst-precopy-loadvm-completed, when loading device state is what takes the time)."""
-        from labkit.breakdown import largest_difference
+        from labkit.lab.breakdown import largest_difference
 
         step = largest_difference(self.steps, *self.results)
         return None if step is None else step.split(" -> ")[1]
@@ -236,8 +237,8 @@ def compare_backends(
 ) -> BackendComparison:
     """Migrate once on each backend with the same mode, RAM and settings (Lab keywords, e.g. dirty_rate=),
     one after the other, and compare their pauses step by step."""
-    from labkit.breakdown import compare_steps
-    from labkit.lab import migrate
+    from labkit.lab.breakdown import compare_steps
+    from labkit.lab.engine import migrate
 
     results = {b: migrate(backend=b, mode=mode, ram=ram, **settings) for b in backends}
     return BackendComparison(results, compare_steps({b: r.pause_breakdown for b, r in results.items()}))
@@ -246,7 +247,7 @@ def compare_backends(
 def explain_comparison(cmp: BackendComparison) -> str:
     """The reveal's "why", built from the measurement: which pause was longer, by how much, and the step
     that holds most of the difference, with what QEMU does in that step."""
-    from labkit.breakdown import CHECKPOINT_WHAT
+    from labkit.lab.breakdown import CHECKPOINT_WHAT
 
     names = list(cmp.results)
     pauses = {b: r.pause_ms.get("events") for b, r in cmp.results.items()}
@@ -280,9 +281,9 @@ def check_comparison(
     """The learner's two predictions (the backend whose pause is longer; the checkpoint ending the step that
     differs most) against this run, fairly: pauses closer than `tie_ms` or 20 % count either way, and any step
     whose difference is within `tie_ms` of the largest is right too (one run each: that is the noise a busy
-    shared machine adds). Returns two labkit.predictions.Verdicts; the "why" follows the measurement."""
-    from labkit.breakdown import CHECKPOINT_WHAT
-    from labkit.predictions import NOT_YET, RIGHT, WRONG, Verdict, unanswered
+    shared machine adds). Returns two labkit.teach.predictions.Verdicts; the "why" follows the measurement."""
+    from labkit.lab.breakdown import CHECKPOINT_WHAT
+    from labkit.teach.predictions import NOT_YET, RIGHT, WRONG, Verdict, unanswered
 
     a, b = list(cmp.results)
     pauses = {k: r.pause_ms.get("events") for k, r in cmp.results.items()}

@@ -16,11 +16,11 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from labkit.machine import Machine
-from labkit.qmp import QMPCommandError, QMPTimeout
+from labkit.host.machine import Machine
+from labkit.host.qmp_sync import QMPCommandError, QMPTimeout
 
 if TYPE_CHECKING:
-    from labkit.lab import Lab
+    from labkit.lab.engine import Lab
 
 QEMU_CPR_EXEC_VERSION = (10, 2, 0)
 
@@ -35,7 +35,7 @@ PHASES = [
 
 def qemu_cpr_exec_refusal() -> str | None:
     """Why real QEMU here cannot run cpr-exec (one line naming the version needed), or None."""
-    from labkit.backends.qemu_guest import qemu_binary, qemu_version
+    from labkit.host.runners.qemu_guest import qemu_binary, qemu_version
 
     binary = qemu_binary()
     version = qemu_version(binary) if binary else None

@@ -3,7 +3,7 @@
 The checkpoints are QEMU 10.0.2's own: the names its vmstate_downtime_checkpoint trace point gives
 (migration/migration.c and savevm.c), the main channel's migration_socket_outgoing_connected /
 migration_socket_incoming_accepted trace points, and the STOP and RESUME events. Real QEMU writes them to
-its trace log (labkit.backends.qemu_trace); the emulator records the same names at the same places
+its trace log (labkit.host.runners.qemu_trace); the emulator records the same names at the same places
 (labkit.vm.migration.migration). Where QEMU reads and loads each device section in turn, there is no
 separate "device state read" instant, on either backend: dst-precopy-loadvm-completed covers both.
 """
@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from itertools import pairwise
 
-from labkit.results import BreakdownRow, TimelineRow
+from labkit.lab.report import BreakdownRow, TimelineRow
 
 # (side, checkpoint, what it marks), in the order QEMU passes them on the guest's critical path.
 PAUSE_CHECKPOINTS: tuple[tuple[str, str, str], ...] = (

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-from labkit.results import MappingRow, Result
+from labkit.lab.report import MappingRow, Result
 
 SIDES = ("source", "destination")
 # phase bands: every default colour but red, which means "guest paused" in every figure here
@@ -638,7 +638,7 @@ def plot_backends(first: Result, second: Result) -> Figure:
     (STOP -> src-vm-stopped -> ... -> RESUME; the steps of each run sum to its STOP -> RESUME pause), so the
     step where one pause is longer stands out. Made for one migration on each backend with the same
     settings (labels name the backend; the mode too when both runs share a backend)."""
-    from labkit.breakdown import compare_steps
+    from labkit.lab.breakdown import compare_steps
 
     runs = {}
     for r in (first, second):

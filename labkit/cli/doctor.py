@@ -8,7 +8,7 @@ import socket
 import sys
 
 from labkit import __version__
-from labkit.backends.qemu_guest import kvm_usable, qemu_binary, qemu_version
+from labkit.host.runners.qemu_guest import kvm_usable, qemu_binary, qemu_version
 
 
 def _memfd_and_scm_rights() -> tuple[bool, str]:

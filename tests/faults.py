@@ -25,7 +25,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 
-from labkit.inspect import read_fds
+from labkit.host.procfs import read_fds
 
 __all__ = ["FaultPoint", "FAULTS", "StreamRelay", "fd_census", "unix_socket_listening", "DEVICE_SECTION_MARK"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from labkit.config import GUEST_PATTERNS, SizeError, human_size, parse_size
+from labkit.qemu_syntax import GUEST_PATTERNS, SizeError, human_size, parse_size
 
 LAB_MIN_RAM = 16 << 20  # the smallest guest both backends run (the real guest's tables end at 2 MiB)
 MAX_DOWNTIME_MS = 2000 * 1000  # QEMU's MAX_MIGRATE_DOWNTIME_SECONDS, in the lab's milliseconds

@@ -13,11 +13,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from labkit.config import GuestConfig, VMConfig, parse_size
-from labkit.lab import Lab
-from labkit.machine import Machine, spawn
-from labkit.qmp import QMPCommandError, QMPTimeout
-from labkit.results import Result
+from labkit.host.hardware import VMConfig
+from labkit.host.machine import Machine, spawn
+from labkit.host.qmp_sync import QMPCommandError, QMPTimeout
+from labkit.lab.engine import Lab
+from labkit.lab.report import Result
+from labkit.qemu_syntax import GuestConfig, parse_size
 
 
 def unix_channel(path: str, channel_type: str = "main") -> dict[str, Any]:
@@ -247,7 +248,7 @@ def ram0_inodes(result: Result) -> dict[str, Any]:
 # -- safety: what must not be done after a handoff, and what survives -------------------------------------
 def _ram0_inode(m: Machine) -> int | None:
     """The inode of the memfd that backs guest RAM in this process (memfd of the backend ram0)."""
-    from labkit.inspect import read_maps
+    from labkit.host.procfs import read_maps
 
     for mapping in read_maps(m.pid):
         if "memfd:" in mapping.path and "ram0" in mapping.path or "memory-backend-memfd" in mapping.path:

@@ -14,9 +14,9 @@ import textwrap
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from labkit.config import human_size
-from labkit.lab import PHASES, migrate
-from labkit.results import Result
+from labkit.lab.engine import PHASES, migrate
+from labkit.lab.report import Result
+from labkit.qemu_syntax import human_size
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -131,7 +131,7 @@ def cpr_exec_steps(ram: str = "64M", dirty_rate: str = "16M", seed: int = 1) -> 
     PID, the run states, the memfds the process holds, and where ram0 is mapped (inode and address)."""
     import pandas as pd
 
-    from labkit.lab import Lab
+    from labkit.lab.engine import Lab
 
     rows = []
     with Lab(mode="cpr-exec", ram=ram, dirty_rate=dirty_rate, seed=seed) as lab:
@@ -302,25 +302,25 @@ def write_frames(results: list[Result], prefix: str, command: str) -> list[str]:
 
 def read_frames(prefix: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read what write_frames wrote: (segments, summary)."""
-    from labkit.results import read_csv
+    from labkit.lab.report import read_csv
 
     return read_csv(f"{prefix}-segments.csv"), read_csv(f"{prefix}-summary.csv")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m labkit.pause_breakdown [--ram SIZE]... [--seed N] [--out PREFIX]`: sweep, write, draw."""
+    """`python -m labkit.measure.pause_breakdown [--ram SIZE]... [--seed N] [--out PREFIX]`: sweep, write, draw."""
     import argparse
     import shlex
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m labkit.pause_breakdown", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m labkit.measure.pause_breakdown", description=__doc__.splitlines()[0])
     p.add_argument("--ram", action="append", help="repeatable (default 64M, 256M, 1G)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default="pause-breakdown", help="prefix of the CSV and PNG files written")
     args = p.parse_args(argv)
     rams = tuple(args.ram or ("64M", "256M", "1G"))
     results = sweep(rams, seed=args.seed)
-    command = "python -m labkit.pause_breakdown " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python -m labkit.measure.pause_breakdown " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     paths = write_frames(results, args.out, command.strip())
     plot_results(results).savefig(f"{args.out}.png", dpi=110)
     print(summary_frame(results).to_string(index=False))

@@ -20,13 +20,13 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from labkit.config import VMConfig
-from labkit.inspect import Mapping, read_maps
-from labkit.qmp import QMP
+from labkit.host.hardware import VMConfig
+from labkit.host.procfs import Mapping, read_maps
+from labkit.host.qmp_sync import QMP
 
 PR_SET_PDEATHSIG = 1
 # The ISO time QEMU's `-msg timestamp=on` puts before each stderr message. The same pattern as
-# labkit.backends.qemu_trace.strip_msg_timestamps, kept here so that machine.py, which the backends build on,
+# labkit.host.runners.qemu_trace.strip_msg_timestamps, kept here so that machine.py, which the backends build on,
 # imports nothing from them.
 _MSG_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z ")
 _live: weakref.WeakSet[Machine] = weakref.WeakSet()
@@ -50,7 +50,7 @@ def _kill_all() -> None:
 
 def backend_argv(config: VMConfig, backend: str, qmp_path: str) -> list[str]:
     """The full command line of a VM for a backend."""
-    from labkit.backends import get_backend
+    from labkit.host.runners import get_backend
 
     return get_backend(backend).argv(config, qmp_path)
 

@@ -16,16 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from labkit.backends import get_backend
-from labkit.breakdown import pause_breakdown
-from labkit.config import GuestConfig, VMConfig, parse_size
-from labkit.inspect import page_frames, read_fds, read_maps
-from labkit.lab_cpr_exec import PHASES as CPR_EXEC_PHASES
-from labkit.lab_cpr_exec import CprExecPhases, qemu_cpr_exec_refusal
-from labkit.limits import LimitError, check_request, convergence_hint
-from labkit.machine import Machine
-from labkit.qmp import QMPCommandError, QMPTimeout
-from labkit.results import MappingRow, Result, TimelineRow
+from labkit.host.hardware import VMConfig
+from labkit.host.limits import LimitError, check_request, convergence_hint
+from labkit.host.machine import Machine
+from labkit.host.procfs import page_frames, read_fds, read_maps
+from labkit.host.qmp_sync import QMPCommandError, QMPTimeout
+from labkit.host.runners import get_backend
+from labkit.lab.breakdown import pause_breakdown
+from labkit.lab.cpr_exec import PHASES as CPR_EXEC_PHASES
+from labkit.lab.cpr_exec import CprExecPhases, qemu_cpr_exec_refusal
+from labkit.lab.report import MappingRow, Result, TimelineRow
+from labkit.qemu_syntax import GuestConfig, parse_size
 
 MODES = ("normal", "cpr-reboot", "cpr-transfer")
 ALL_MODES = (*MODES, "cpr-exec")  # cpr-exec (QEMU 10.2) runs on the emulated backend

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from labkit import __version__
-from labkit.config import GuestConfig, MiB, VMConfig, format_size
+from labkit.host.hardware import VMConfig
+from labkit.qemu_syntax import GuestConfig, MiB, format_size
 
 RATIO_TARGETS = {
     "cpr_pause_emulated_over_qemu": ("<=", 1.0),
@@ -58,7 +59,7 @@ def _stats(values: list[float]) -> dict[str, float | None]:
 
 # -- machine facts and ceilings ------------------------------------------------------------------------------
 def machine_facts() -> dict[str, Any]:
-    from labkit.backends.qemu_guest import kvm_usable, qemu_version
+    from labkit.host.runners.qemu_guest import kvm_usable, qemu_version
 
     cpu = ""
     try:
@@ -184,7 +185,7 @@ def vm_bench(reps: int = 3, ram: int = 1024 * MiB) -> dict[str, Any]:
     """Spawn to QMP-ready, stop to vCPU quiesced, the dirty rate the guest reaches (on pages it has already
     touched, and on fresh pages, where the kernel's page faults set the pace), and memory beyond guest RAM
     (RssAnon + RssFile: guest RAM itself is shared memory, RssShmem)."""
-    from labkit.machine import spawn
+    from labkit.host.machine import spawn
 
     spawn_s, quiesce_ms, steady, first_touch, extra_rss = [], [], [], [], []
 
@@ -225,7 +226,7 @@ def vm_bench(reps: int = 3, ram: int = 1024 * MiB) -> dict[str, Any]:
 
 # -- migrations ----------------------------------------------------------------------------------------------
 def available_backends(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
-    from labkit.backends.qemu_guest import qemu_version
+    from labkit.host.runners.qemu_guest import qemu_version
 
     out, skipped = [], {}
     for b in wanted:
@@ -235,7 +236,7 @@ def available_backends(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
                 skipped[b] = "qemu-system-x86_64 >= 10.0 not installed (scripts/install-qemu)"
                 continue
             try:
-                from labkit.backends import get_backend
+                from labkit.host.runners import get_backend
 
                 get_backend("qemu")
             except Exception as e:  # noqa: BLE001 - any reason the backend cannot load is reported
@@ -247,7 +248,7 @@ def available_backends(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
 
 def run_matrix(plan: BenchPlan, progress=None) -> list[dict[str, Any]]:
     """One row per migration: the flattened Result plus the cell's coordinates."""
-    from labkit.lab import migrate
+    from labkit.lab.engine import migrate
 
     rows = []
     cells = [
@@ -313,8 +314,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def summarise_breakdown(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per backend and mode, over every completed run (all RAM sizes and dirty rates): the median time
     between consecutive checkpoints on the guest's critical path, and each checkpoint's median time from
-    STOP (labkit.breakdown; QEMU's checkpoint names on both backends)."""
-    from labkit.breakdown import breakdown_steps
+    STOP (labkit.lab.breakdown; QEMU's checkpoint names on both backends)."""
+    from labkit.lab.breakdown import breakdown_steps
 
     groups: dict[tuple[str, str], list] = {}
     for r in rows:
@@ -333,7 +334,7 @@ def format_breakdown(breakdown: list[dict[str, Any]]) -> list[str]:
         for s in b["steps"]:
             if (s["from"], s["to"]) not in steps:
                 steps.append((s["from"], s["to"]))
-    from labkit.breakdown import PAUSE_CHECKPOINTS
+    from labkit.lab.breakdown import PAUSE_CHECKPOINTS
 
     order = {name: i for i, (_, name, _) in enumerate(PAUSE_CHECKPOINTS)}
     steps.sort(key=lambda st: (order[st[1]], order[st[0]]))
@@ -464,7 +465,7 @@ def write_csv(report: dict[str, Any], path: str, command: str) -> None:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    from labkit.config import human_size
+    from labkit.qemu_syntax import human_size
 
     lines = []
     m = report["machine"]

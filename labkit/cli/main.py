@@ -12,7 +12,7 @@ import os
 import re
 import sys
 
-from labkit.config import SizeError, parse_size
+from labkit.qemu_syntax import SizeError, parse_size
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,7 +47,7 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from labkit.doctor import doctor, format_doctor
+    from labkit.cli.doctor import doctor, format_doctor
 
     report = doctor()
     print(json.dumps(report, indent=2) if args.json else format_doctor(report))
@@ -99,7 +99,7 @@ def _lab_kwargs(args: argparse.Namespace) -> dict:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from labkit.lab import LabError, migrate
+    from labkit.lab.engine import LabError, migrate
 
     try:
         result = migrate(**_lab_kwargs(args))
@@ -138,9 +138,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: migrate the same guest with each mode, side by side, and draw what happened."""
     import os
 
-    from labkit import plots
-    from labkit.lab import migrate
-    from labkit.results import concat
+    from labkit.lab.engine import migrate
+    from labkit.lab.report import concat
+    from labkit.measure import plots
 
     rows = []
     for mode in ("cpr-transfer", "normal", "cpr-reboot"):
@@ -193,8 +193,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _demo_headline(args: argparse.Namespace, figures: dict) -> str:
     """The headline at three RAM sizes (a quarter, half and all of --ram) with a busy guest at QEMU's default
     bandwidth: one size cannot show that a pause does or does not grow with RAM."""
-    from labkit.predictions import grows
-    from labkit.sweeps import HEADLINE, headline_sweep, plot_headline
+    from labkit.measure.sweeps import HEADLINE, headline_sweep, plot_headline
+    from labkit.teach.predictions import grows
 
     rams = [max(args.ram // 4, 16 << 20), max(args.ram // 2, 16 << 20), args.ram]
     print(f"\n-- the headline: normal and cpr-transfer at {', '.join(f'{r >> 20} MiB' for r in rams)}, a guest")
@@ -214,7 +214,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import os
     import shlex
 
-    from labkit.bench import BenchPlan, format_report, run_bench, write_csv
+    from labkit.measure.bench import BenchPlan, format_report, run_bench, write_csv
 
     backends = args.backend or ["emulated", "qemu"]
     plan = BenchPlan.quick(backends) if args.quick else BenchPlan(backends=backends)
@@ -247,7 +247,7 @@ def cmd_cpr_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_stream_inspect(args: argparse.Namespace) -> int:
-    from labkit.stream_inspect import main as stream_main
+    from labkit.measure.stream_inspect import main as stream_main
 
     return stream_main([args.path] + (["--json"] if args.json else []))
 
@@ -259,7 +259,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    from labkit.jupyter import run_jupyter_lab
+    from labkit.cli.jupyter import run_jupyter_lab
 
     return run_jupyter_lab(args.notebooks, port=args.port, browser=args.browser, extra=args.jupyter_args)
 

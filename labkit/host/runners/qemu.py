@@ -17,19 +17,19 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from labkit.backends import qemu_guest as qg
-from labkit.backends.qemu_trace import (
+from labkit.host.hardware import VMConfig
+from labkit.host.procfs import read_fds, read_maps
+from labkit.host.runners import qemu_guest as qg
+from labkit.host.runners.qemu_trace import (
     SOCKET_CHECKPOINTS,
     TRACE_LOG,
     read_trace_log,
     strip_msg_timestamps,
     trace_argv,
 )
-from labkit.config import VMConfig
-from labkit.inspect import read_fds, read_maps
 
 if TYPE_CHECKING:
-    from labkit.machine import Machine
+    from labkit.host.machine import Machine
 
 QEMU_MIN_VERSION = (10, 0, 0)
 QBOOT = "/usr/share/qemu/qboot.rom"
@@ -87,7 +87,7 @@ def qemu_argv(
 ) -> list[str]:
     """Real QEMU's command line for a VMConfig: the options both backends share (config.common_argv), an
     accelerator (KVM when /dev/kvm is usable, else TCG), the tiny guest as a Multiboot -kernel, and with
-    `trace_log` QEMU's downtime checkpoints and CPR trace points written there (labkit.backends.qemu_trace)."""
+    `trace_log` QEMU's downtime checkpoints and CPR trace points written there (labkit.host.runners.qemu_trace)."""
     if config.holds:
         raise ValueError("-x-hold is the emulator's own option: real QEMU cannot hold at migration points")
     argv = [binary or qg.qemu_binary() or "qemu-system-x86_64", "-accel", accel or qg.default_accel()]

@@ -27,8 +27,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
 
-from labkit.config import VMConfig, format_size, human_size, parse_size
-from labkit.lab import MODES, migrate
+from labkit.host.hardware import VMConfig
+from labkit.lab.engine import MODES, migrate
+from labkit.qemu_syntax import format_size, human_size, parse_size
 
 CPR_BLOCKER_RE = re.compile(r"^Memory region (?P<block>.+?) is not compatible with CPR\.")
 
@@ -468,7 +469,7 @@ def check_converges(
     """Does a normal migration of this guest converge? Measured: pre-copy watched until it completes, for
     at least four times as long as the model says a converging run needs, or for `passes` passes when the
     model says it never will; then cancelled."""
-    from labkit.sweeps import watch_precopy
+    from labkit.measure.sweeps import watch_precopy
 
     predicted = _yes_no(answer)
     model = converge_model(ram, dirty_rate, max_bandwidth, downtime_limit)
@@ -776,7 +777,7 @@ def _startup_or_rest(answer: Any) -> str:
 def measure_cpr_exec(ram: str = "64M", seed: int = 1, dirty_rate: str = "16M") -> dict[str, Any]:
     """One cpr-exec migration: PIDs, and the pause cut into the new program's start-up and everything else;
     `spread_ms` is how far the run's own pause measures (events, guest) disagree."""
-    from labkit.pause_breakdown import new_process_window
+    from labkit.measure.pause_breakdown import new_process_window
 
     def run() -> dict[str, Any]:
         r = migrate(mode="cpr-exec", ram=ram, dirty_rate=dirty_rate, seed=seed)
@@ -810,7 +811,7 @@ def check_cpr_exec_pause(
     pid_same = _same_or_different(answer["pid"])
     bigger = _startup_or_rest(answer["bigger"])
     if backend != "emulated":
-        from labkit.lab_cpr_exec import qemu_cpr_exec_refusal
+        from labkit.lab.cpr_exec import qemu_cpr_exec_refusal
 
         return Check("cpr-exec-pause", False, True, f"Not on real QEMU here: {qemu_cpr_exec_refusal()}")
     m = measure_cpr_exec(ram, seed, dirty_rate)

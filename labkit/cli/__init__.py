@@ -1,0 +1,1 @@
+"""The `labkit` command line: doctor, migrate, demo, bench, inspectors, vm, lab."""

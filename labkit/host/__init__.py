@@ -1,0 +1,1 @@
+"""What runs and reads a VM from outside: runners, Machine, the QMP client, /proc."""

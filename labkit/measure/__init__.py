@@ -1,0 +1,1 @@
+"""Measurement: benchmarks, sweeps and the plots that read reports."""

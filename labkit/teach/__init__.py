@@ -1,0 +1,1 @@
+"""Teaching: the Stepper widget, exercises, walkthroughs, notebook stories, the memfd demo."""

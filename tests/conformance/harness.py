@@ -262,7 +262,7 @@ def scenario_normal(run: Run) -> Observation:
     wait_status(src, FINAL)
     finish_source(obs, run, src, since)
     finish_destination(obs, run, dst)
-    stream_checks(obs, tee.close())
+    stream_checks(obs, tee.close(require_whole=True))
     return obs
 
 
@@ -290,7 +290,7 @@ def scenario_cpr_transfer(run: Run) -> Observation:
     finish_destination(obs, run, dst)
     s, d = block_inodes(src), block_inodes(dst)
     obs.checks["destination.blocks-on-source-inode"] = sorted(n for n in d if n in s and d[n] == s[n])
-    stream_checks(obs, tee.close())
+    stream_checks(obs, tee.close(require_whole=True))
     return obs
 
 

@@ -43,6 +43,7 @@ from labkit.vm.migration.channels import (
     parse_uri,
 )
 from labkit.vm.migration.cpr import CprError, CprFd, cpr_state_save, cpr_transfer_output
+from labkit.vm.migration.holds import HOLD_POINTS
 from labkit.vm.migration.ram import (
     BUFFER_DELAY,
     MigrationCancelled,
@@ -90,16 +91,6 @@ CAPABILITIES = (
     "zero-copy-send",
 )
 ACTIVE = ("setup", "active", "device", "pre-switchover", "cancelling")
-# Where a migration can be held so a learner can look at both processes mid-way (x-labkit, generalising
-# QEMU's pause-before-switchover + migrate-continue to named points). Each waits for x-labkit-continue.
-HOLD_POINTS = {
-    "cpr-load": "destination: CPR state is in its socket, not yet read (no monitor yet: continue with SIGUSR1)",
-    "cpr-hup": "source: the destination hung up the cpr channel; the main channel is not connected yet",
-    "switchover": "source: pre-copy converged; the guest is about to stop for stop-and-copy",
-    "main-connected": "source: main channel connected (CPR modes: guest stopped); nothing sent on it yet",
-    "loaded": "destination: the whole stream is loaded; the guest is about to resume",
-    "cpr-exec": "source: device state saved, migration completed; the old program is about to exec the new one",
-}
 #: What a migration cancelled during its completion records: the main channel's error after migrate_cancel
 #: shut it down (qemu_file_shutdown() sets -EIO; qemu_file_get_error_obj() words it), as QEMU 10.0.2 reports.
 CHANNEL_SHUTDOWN_ERROR = "Channel error: Input/output error"

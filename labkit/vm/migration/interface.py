@@ -81,7 +81,7 @@ class GuestMemory(Protocol):
     def block(self) -> MigratableRAMBlock: ...
 
 
-class MachineOptions(Protocol):
+class MigrationOptions(Protocol):
     """The command-line facts migration reads: -x-hold points and the -incoming channels."""
 
     @property
@@ -96,7 +96,7 @@ class MigrationVM(Protocol):
     runstate_set, qapi_event_send_* and error_report-then-exit the same way)."""
 
     @property
-    def opts(self) -> MachineOptions: ...
+    def opts(self) -> MigrationOptions: ...
 
     @property
     def runstate(self) -> RunState: ...

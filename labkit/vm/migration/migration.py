@@ -1,5 +1,5 @@
-"""Migration's control, on both sides (QEMU's migration/migration.c): the QMP commands (migrate, migrate-incoming
-is precopy.py's, migrate_cancel, migrate-continue, the parameters and capabilities, query-migrate) and the
+"""Migration's control, on both sides (QEMU's migration/migration.c): the QMP commands (migrate, migrate_cancel,
+migrate-continue, the parameters and capabilities, query-migrate; migrate-incoming is precopy.py's) and the
 MigrationState that joins the phases, as QEMU 10 runs it.
 
 Source, in the order QEMU 10.0.2 showed here (events capability on):

@@ -28,14 +28,11 @@ from labkit.vm.migration.cpr import (
     CprError,
     CprFd,
     cpr_fd_check,
-    cpr_inspect,
-    cpr_inspect_listen,
     cpr_state_load,
     cpr_state_save,
-    cpr_transfer_input,
-    cpr_transfer_output,
-    format_cpr_inspect,
 )
+from labkit.vm.migration.cpr_inspect import cpr_inspect, cpr_inspect_listen, format_cpr_inspect
+from labkit.vm.migration.cpr_transfer import cpr_transfer_input, cpr_transfer_output
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,7 +174,8 @@ SOURCE_CHILD = textwrap.dedent(
     """
     import json, mmap, os, socket, sys
     from labkit.vm.migration.channels import parse_uri
-    from labkit.vm.migration.cpr import CprFd, cpr_state_save, cpr_transfer_output
+    from labkit.vm.migration.cpr import CprFd, cpr_state_save
+    from labkit.vm.migration.cpr_transfer import cpr_transfer_output
 
     sizes = json.loads(sys.argv[2])
     fds, maps = [], []
@@ -567,7 +565,7 @@ def test_inspect_listen_end_to_end(no_fd_leak):
 
 @pytest.mark.timeout(30)
 def test_cpr_inspect_cli_times_out_cleanly(no_fd_leak, tmp_path, capsys):
-    from labkit.vm.migration.cpr import main
+    from labkit.vm.migration.cpr_inspect import main
 
     path = tmp_path / "cpr.sock"
     assert main([str(path), "--timeout", "0.2"]) == 1

@@ -26,7 +26,8 @@ from labkit.host.machine import Machine
 from labkit.host.procfs import read_fds, read_maps
 from labkit.host.runners.qemu import parse_ramblocks, qemu_missing
 from labkit.host.runners.qemu_guest import qemu_binary
-from labkit.vm.migration.cpr import CprFd, cpr_inspect_listen, cpr_state_save
+from labkit.vm.migration.cpr import CprFd, cpr_state_save
+from labkit.vm.migration.cpr_inspect import cpr_inspect_listen
 
 _MISSING = qemu_missing()
 pytestmark = [pytest.mark.qemu, pytest.mark.skipif(_MISSING is not None, reason=f"{_MISSING}")]

@@ -241,7 +241,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_cpr_inspect(args: argparse.Namespace) -> int:
-    from labkit.vm.migration.cpr import main as cpr_main
+    from labkit.vm.migration.cpr_inspect import main as cpr_main
 
     return cpr_main([args.path] + (["--timeout", str(args.timeout)] if args.timeout else []))
 

@@ -13,14 +13,15 @@ import os
 from dataclasses import dataclass
 from typing import Protocol
 
+from labkit.errors import LabkitError
 from labkit.vm.guest import Guest
 from labkit.vm.migration.vmstate import VMStateDescription, VMStateField
 
 PCG64_STATE_BYTES = 16  # numpy's PCG64: a 128-bit state and a 128-bit increment
 
 
-class DeviceError(Exception):
-    pass
+class DeviceError(LabkitError):
+    """Device state a device refuses to load (QEMU's post_load failing); the text names the device and field."""
 
 
 class Device(Protocol):

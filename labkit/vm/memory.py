@@ -25,7 +25,6 @@ import numpy as np
 from labkit.vm.options import MachineOptions
 
 PAGE_SIZE = 4096
-MADV_POPULATE_WRITE = 23  # linux/mman.h; pre-faults a mapping so the first writes do not fault page by page
 
 RAM_BLOCK_ALIGN = 64 * PAGE_SIZE  # find_ram_offset(): a block starts on a 'long' of the dirty bitmap
 
@@ -235,16 +234,6 @@ def _adopt_cpr_fd(idstr: str, mr_name: str, fd: int, max_length: int, grow: bool
         raise MemoryError_(BACKING_STORE_TOO_SMALL.format(name=mr_name, size=have, max_length=max_length))
     if have < max_length:
         os.ftruncate(fd, max_length)
-
-
-def populate(block: RAMBlock) -> None:
-    """Fault the whole block in ahead of an incoming stream (MADV_POPULATE_WRITE), where the kernel allows it."""
-    if block.mm is None:
-        return
-    try:
-        block.mm.madvise(MADV_POPULATE_WRITE)
-    except OSError:
-        pass
 
 
 def find_ram_offset(blocks: list[RAMBlock], size: int) -> int:

@@ -324,7 +324,7 @@ def _apply(opts: MachineOptions, name: str, value: str) -> None:
     elif name == "x-guest":
         _guest(opts, value)
     elif name == "x-hold":
-        from labkit.vm.migration.migration import HOLD_POINTS
+        from labkit.vm.migration.holds import HOLD_POINTS
 
         for point in filter(None, value.split(",")):
             if point not in HOLD_POINTS:

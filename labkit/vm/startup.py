@@ -14,8 +14,9 @@ import time
 
 from labkit.vm.memory import MemoryError_, ram_blocks_create
 from labkit.vm.migration.channels import parse_incoming_option
-from labkit.vm.migration.cpr import CprError, cpr_state_load, cpr_transfer_input
+from labkit.vm.migration.cpr import CprError, cpr_state_load
 from labkit.vm.migration.cpr_exec import IGNORED_CHANNEL_TEXT, cpr_exec_has_state, cpr_exec_state_load
+from labkit.vm.migration.cpr_transfer import cpr_transfer_input
 from labkit.vm.options import PROG, USAGE, HelpRequested, OptionError, parse_args
 from labkit.vm.vm import VM
 

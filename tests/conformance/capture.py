@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from labkit.vm.migration.channels import unix_listen
+from labkit.vm.migration.qemu_sockets import unix_listen
 
 CHUNK = 1 << 16
 

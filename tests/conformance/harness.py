@@ -30,7 +30,8 @@ from labkit.host.runners import get_backend
 from labkit.host.runners.qemu import parse_ramblocks, qemu_argv
 from labkit.host.runners.qemu_trace import strip_msg_timestamps
 from labkit.qemu_syntax import GiB, KiB, MiB, format_size
-from labkit.vm.migration.cpr import CprFd, cpr_inspect, cpr_state_save
+from labkit.vm.migration.cpr import CprFd, cpr_state_save
+from labkit.vm.migration.cpr_inspect import cpr_inspect
 
 from .capture import CprSink, MainTee, wait_listening
 from .sections import describe, section_list

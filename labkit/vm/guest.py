@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,7 @@ class CPUState:
 
     ticks: int = 0
     position: int = 0  # next page of the sequential pattern (relative to the working set)
-    rng_state: dict | None = None
+    rng_state: dict[str, Any] | None = None
     budget: float = 0.0  # bytes owed to the dirty rate, carried between ticks
 
 
@@ -178,7 +179,7 @@ class Guest:
             self.console_sink(line)
 
     # -- what a host tool can ask ---------------------------------------------------------------------------
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         h = self.header
         return {
             "ticks": self.cpu.ticks,
@@ -199,7 +200,7 @@ class Guest:
         self.header[H_MAX_GAP_NS] = 0
 
 
-def verify_guest_memory(block: RAMBlock, chunk_pages: int = 16384) -> dict:
+def verify_guest_memory(block: RAMBlock, chunk_pages: int = 16384) -> dict[str, Any]:
     """Check every page of the guest's RAM against the guest's own generation table and checksum.
 
     Works in any process that maps the block; the caller must make sure the vCPU is not writing meanwhile.

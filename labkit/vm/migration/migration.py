@@ -68,10 +68,10 @@ from labkit.vm.migration.stream import (
     unknown_section,
 )
 from labkit.vm.migration.vmstate import q35_savevm_handlers, vmstate_load_state
-from labkit.vm.monitor import QMPError
+from labkit.vm.qapi.error import QMPErrorResponse as QMPError  # QMPError: qemu.qmp's name, client side
 
 if TYPE_CHECKING:
-    from labkit.vm.monitor import Monitor
+    from labkit.vm.monitor.monitor import Monitor
     from labkit.vm.vm import VM
 
 MIG_MODES = ("normal", "cpr-reboot", "cpr-transfer", "cpr-exec")

@@ -17,7 +17,7 @@ from typing import Any
 
 from labkit import __version__
 from labkit.vm import runstate as rs
-from labkit.vm.devices import CPUDevice, GlobalState, SerialDevice, TimerDevice
+from labkit.vm.devices import CPUDevice, Device, GlobalState, SerialDevice, TimerDevice
 from labkit.vm.guest import VCPU, Guest, verify_guest_memory
 from labkit.vm.memory import RAMList, format_ramblock_info, verify_roms
 from labkit.vm.migration.migration import MigrationState
@@ -41,7 +41,7 @@ class VM:
         self.global_state = GlobalState()
         # QEMU's q35 -nodefaults has a serial port only when -serial gives one; its sections follow QEMU's order
         serial = [self.serial] if opts.serial_file else []
-        self.devices = [TimerDevice(self.guest), CPUDevice(self.guest), *serial, self.global_state]
+        self.devices: list[Device] = [TimerDevice(self.guest), CPUDevice(self.guest), *serial, self.global_state]
         self.runstate = rs.RunState(rs.INMIGRATE if incoming else rs.PRELAUNCH)
         self.autostart = not opts.start_paused
         self.monitor = Monitor(package=f"labkit-vm {__version__}")

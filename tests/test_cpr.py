@@ -669,7 +669,7 @@ def test_adopted_fd_larger_than_the_block_is_taken(no_fd_leak):
 def test_adopted_fd_too_small_grown_or_refused_as_qemu_does(no_fd_leak):
     """An implicit block grows a short memfd to its maximum length (and so the source's, the same inode);
     a memory-backend-memfd grows an empty one but refuses a short one, with qemu_ram_alloc_from_fd's text."""
-    from labkit.vm.memory import MemoryError_
+    from labkit.vm.memory import RAMBlockError
 
     fds = _cpr_fds_for({"/rom@etc/acpi/tables": 128 << 10, "ram0": 0})
     keep = {n: os.dup(fd) for n, fd in fds.items()}  # the source's own fds, to see what the destination did
@@ -682,11 +682,12 @@ def test_adopted_fd_too_small_grown_or_refused_as_qemu_does(no_fd_leak):
         finally:
             ram.close()
         short = {"ram0": memfd("ram0", 32 << 20)}
-        with pytest.raises(MemoryError_) as err:
+        with pytest.raises(RAMBlockError) as err:
             _ram(["-nodefaults"], short)
         assert str(err.value) == (
             "ram0 backing store size 0x2000000 is too small for 'size' option 0x4000000 plus 'offset' option 0x0"
         )
+        assert err.value.idstr == "ram0"  # the block the caller must fix
     finally:
         for fd in keep.values():
             os.close(fd)

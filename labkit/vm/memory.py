@@ -18,10 +18,12 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from labkit.errors import LabkitError
 from labkit.vm.options import MachineOptions
 
 PAGE_SIZE = 4096
@@ -74,8 +76,15 @@ CPR_BLOCKER_TEXT = (
 )
 
 
-class MemoryError_(Exception):  # noqa: N801 - not the builtin MemoryError: a start-up error about guest RAM
-    """Guest RAM could not be created as asked (bad backend, wrong fd from the CPR channel, ...)."""
+class RAMBlockError(LabkitError):
+    """A RAM block could not be created as asked (wrong fd from the CPR channel, a backing store too small).
+
+    ``idstr`` names the block, as QEMU's RAMBlock idstr; start-up prints the message and exits with status 1.
+    """
+
+    def __init__(self, idstr: str, message: str):
+        super().__init__(message)
+        self.idstr = idstr
 
 
 @dataclass(eq=False)
@@ -95,7 +104,7 @@ class RAMBlock:
     readonly: bool = False  # a ROM (info ramblock's RO column)
     offset: int = 0  # the block's ram_addr_t (find_ram_offset), info ramblock's Offset column
     mm: mmap.mmap | None = field(default=None, repr=False)
-    dirty: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    dirty: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8), repr=False)  # sized in _new_block
     dirty_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -228,10 +237,12 @@ def _adopt_cpr_fd(idstr: str, mr_name: str, fd: int, max_length: int, grow: bool
     try:
         info = cpr_fd_check(fd)
     except CprError as e:
-        raise MemoryError_(f"cpr fd for RAM block {idstr}: {e}") from None
+        raise RAMBlockError(idstr, f"cpr fd for RAM block {idstr}: {e}") from None
     have = info["size"] or 0
     if have and have < max_length and not grow:
-        raise MemoryError_(BACKING_STORE_TOO_SMALL.format(name=mr_name, size=have, max_length=max_length))
+        raise RAMBlockError(
+            idstr, BACKING_STORE_TOO_SMALL.format(name=mr_name, size=have, max_length=max_length)
+        )
     if have < max_length:
         os.ftruncate(fd, max_length)
 
@@ -273,7 +284,7 @@ class RAMList:
         if block not in self.created:
             self.created.append(block)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[RAMBlock]:
         return iter(self.blocks)
 
     def find(self, idstr: str) -> RAMBlock | None:

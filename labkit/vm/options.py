@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from labkit.errors import LabkitError
 from labkit.qemu_syntax import GUEST_PATTERNS, MEMORY_BACKENDS, GuestConfig, SizeError, parse_size
 
 PROG = "labkit-vm"
@@ -44,12 +45,19 @@ Example:
 """
 
 
-class OptionError(Exception):
-    """A command-line error, printed as one line `labkit-vm: -opt value: what is wrong` and exit status 1."""
+class OptionError(LabkitError):
+    """A command-line error, printed as one line `labkit-vm: -opt value: what is wrong` and exit status 1.
+
+    ``option`` is the option as given (`-m`, `--object`), once parse_args() knows which one it was."""
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option
 
 
-class HelpRequested(Exception):
-    """-h / --help / -help: print USAGE and exit 0, as qemu-system-x86_64 -h does."""
+class HelpRequested(LabkitError):
+    """-h / --help / -help: not a failure, but how parse_args() stops: print USAGE and exit 0, as
+    qemu-system-x86_64 -h does."""
 
 
 def _check_ram_size(size: int) -> None:
@@ -296,7 +304,7 @@ def parse_args(argv: list[str]) -> MachineOptions:
         try:
             _apply(opts, name, value)
         except OptionError as e:
-            raise OptionError(f"{raw} {value}: {e}") from None
+            raise OptionError(f"{raw} {value}: {e}", option=raw) from None
         i += 2
     _finish(opts)
     return opts

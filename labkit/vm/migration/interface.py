@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from labkit.vm.migration.vmstate import VMStateDescription
-from labkit.vm.runstate import RunState
+from labkit.vm.runstate import RunState, RunStateName
 
 
 class MigratableRAMBlock(Protocol):
@@ -71,7 +71,7 @@ class MigratableDevice(Protocol):
 class GlobalStateDevice(Protocol):
     """QEMU's globalstate: the run state the source had when it stopped, which the destination resumes into."""
 
-    runstate: str
+    runstate: RunStateName
 
 
 class GuestMemory(Protocol):
@@ -126,7 +126,7 @@ class MigrationVM(Protocol):
 
     def vm_start(self) -> None: ...
 
-    def vm_stop(self, new_state: str) -> bool: ...
+    def vm_stop(self, new_state: RunStateName) -> bool: ...
 
     def fatal(self, message: str) -> None: ...
 

@@ -38,7 +38,8 @@ from labkit.vm.migration.holds import HOLD_POINTS
 from labkit.vm.migration.precopy import PrecopyMigration
 from labkit.vm.migration.qapi import MIG_MODES
 from labkit.vm.migration.state import ms_between
-from labkit.vm.monitor import Monitor, QMPError
+from labkit.vm.monitor.monitor import Monitor
+from labkit.vm.qapi.error import QMPErrorResponse
 
 MAX_MIGRATE_DOWNTIME = 2000 * 1000  # ms
 CPR_INCOMPATIBLE = {
@@ -95,7 +96,7 @@ class MigrationState(PrecopyMigration, CprTransferMigration, CprExecMigration):
         if "points" in args:
             unknown = [p for p in args["points"] if p not in HOLD_POINTS]
             if unknown:
-                raise QMPError(f"unknown hold point '{unknown[0]}' (known: {', '.join(HOLD_POINTS)})")
+                raise QMPErrorResponse(f"unknown hold point '{unknown[0]}' (known: {', '.join(HOLD_POINTS)})")
             self.holds = set(args["points"])
         return {"points": sorted(self.holds), "held-at": self.held_at}
 
@@ -103,7 +104,7 @@ class MigrationState(PrecopyMigration, CprTransferMigration, CprExecMigration):
         point = args.get("point", self.held_at)
         with self._hold_cv:
             if self.held_at is None or point != self.held_at:
-                raise QMPError(f"Migration is not held at '{point}' (held at: {self.held_at or 'nothing'})")
+                raise QMPErrorResponse(f"Migration is not held at '{point}' (held at: {self.held_at or 'nothing'})")
             self.held_at = None
             self._hold_cv.notify_all()
 
@@ -115,29 +116,29 @@ class MigrationState(PrecopyMigration, CprTransferMigration, CprExecMigration):
         migration that does not converge."""
         if "downtime-limit" in args and args["downtime-limit"] > MAX_MIGRATE_DOWNTIME:
             # QEMU's text stringifies the macro MAX_MIGRATE_DOWNTIME, hence "(2000 * 1000)"
-            raise QMPError(
+            raise QMPErrorResponse(
                 "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms"
             )
         for i, word in enumerate(args.get("cpr-exec-command", [])):
             if not isinstance(word, str):
-                raise QMPError(f"Invalid parameter type for 'cpr-exec-command[{i}]', expected: string")
+                raise QMPErrorResponse(f"Invalid parameter type for 'cpr-exec-command[{i}]', expected: string")
         self.params.update(args)
         if "max-bandwidth" in args and self._limiter is not None and self.status in ("setup", "active"):
             self._limiter.max_bandwidth = args["max-bandwidth"]  # stop-and-copy stays unlimited
 
     def qmp_set_capabilities(self, args: dict[str, Any]) -> None:
         if self.active():
-            raise QMPError("There's a migration process in progress")
+            raise QMPErrorResponse("There's a migration process in progress")
         new = dict(self.caps)
         for item in args["capabilities"]:
             if not isinstance(item, dict) or not isinstance(item.get("capability"), str):
-                raise QMPError("Parameter 'capability' is missing")
+                raise QMPErrorResponse("Parameter 'capability' is missing")
             name = item["capability"]
             if name not in self.caps:
-                raise QMPError(f"Parameter 'capability' does not accept value '{name}'")
+                raise QMPErrorResponse(f"Parameter 'capability' does not accept value '{name}'")
             state = item.get("state")
             if not isinstance(state, bool):
-                raise QMPError("Invalid parameter type for 'state', expected: boolean")
+                raise QMPErrorResponse("Invalid parameter type for 'state', expected: boolean")
             new[name] = state
         self.caps = new
 
@@ -145,7 +146,7 @@ class MigrationState(PrecopyMigration, CprTransferMigration, CprExecMigration):
         """qmp_migrate(): parse channels, check, CPR state save; finish now, or on the cpr channel's hang-up."""
         uri, channels = args.get("uri"), args.get("channels")
         if (uri is None) == (channels is None):
-            raise QMPError("need either 'uri' or 'channels' argument")
+            raise QMPErrorResponse("need either 'uri' or 'channels' argument")
         try:
             if channels is not None:
                 parsed = parse_channels(channels)
@@ -153,18 +154,18 @@ class MigrationState(PrecopyMigration, CprTransferMigration, CprExecMigration):
                 assert uri is not None  # exactly one of the two is given (checked above)
                 parsed = {"main": parse_uri(uri)}
         except ValueError as e:
-            raise QMPError(str(e)) from None
+            raise QMPErrorResponse(str(e)) from None
         main, cpr = parsed.get("main"), parsed.get("cpr")
         if main is None:
-            raise QMPError("Channel list has no main entry")  # QEMU 10.0.2 crashes here
+            raise QMPErrorResponse("Channel list has no main entry")  # QEMU 10.0.2 crashes here
         mode = self.mode()
         if mode == "cpr-transfer" and main.addr.transport == "file":
-            raise QMPError("Migration requires streamable transport (eg unix)")
+            raise QMPErrorResponse("Migration requires streamable transport (eg unix)")
         if mode == "cpr-transfer" and cpr is None:
-            raise QMPError("missing 'cpr' migration channel")
+            raise QMPErrorResponse("missing 'cpr' migration channel")
         self._migrate_prepare()
         if mode == "cpr-exec" and not self.params["cpr-exec-command"]:
-            raise QMPError(NO_COMMAND_TEXT)
+            raise QMPErrorResponse(NO_COMMAND_TEXT)
         self._reset_outgoing()
         self.expected_downtime = self.params["downtime-limit"]  # migrate_init()'s first estimate
         self.main_channel = main
@@ -181,7 +182,7 @@ class MigrationState(PrecopyMigration, CprTransferMigration, CprExecMigration):
                 self.error_desc = str(e)
                 self.close_cpr_out()
                 self._set_status("failed")
-                raise QMPError(str(e)) from None
+                raise QMPErrorResponse(str(e)) from None
             # The destination hangs up the cpr channel once it listens on main; then we finish.
             assert self.vm.loop is not None and self.cpr_out is not None  # the monitor runs on the loop
             self.vm.loop.add_reader(self.cpr_out.fileno(), self._cpr_hup)
@@ -192,18 +193,18 @@ class MigrationState(PrecopyMigration, CprTransferMigration, CprExecMigration):
     def _migrate_prepare(self) -> None:
         state = self.vm.runstate.state
         if self.active():
-            raise QMPError("There's a migration process in progress")
+            raise QMPErrorResponse("There's a migration process in progress")
         if state == rs.INMIGRATE:
-            raise QMPError("Guest is waiting for an incoming migration")
+            raise QMPErrorResponse("Guest is waiting for an incoming migration")
         if state == rs.POSTMIGRATE and self.status == "completed":
-            raise QMPError("Can't migrate the vm that was paused due to previous migration")
+            raise QMPErrorResponse("Can't migrate the vm that was paused due to previous migration")
         blockers = self._blockers()  # migration_is_blocked() comes before the CPR conflicts in QEMU 10.0.2
         if blockers:
-            raise QMPError(blockers[-1])  # the head of QEMU's list: the blocker added last
+            raise QMPErrorResponse(blockers[-1])  # the head of QEMU's list: the blocker added last
         if self.mode() != "normal":
             for cap, label in CPR_INCOMPATIBLE.items():
                 if self.caps[cap]:
-                    raise QMPError(f"Cannot use {label} with CPR")
+                    raise QMPErrorResponse(f"Cannot use {label} with CPR")
 
     def qmp_migrate_finish(self) -> None:
         target = self.cpr_exec_migration_thread if self.mode() == "cpr-exec" else self.migration_thread
@@ -227,7 +228,7 @@ class MigrationState(PrecopyMigration, CprTransferMigration, CprExecMigration):
 
     def qmp_migrate_continue(self, args: dict[str, Any]) -> None:
         if args["state"] != "pre-switchover" or self.status != "pre-switchover":
-            raise QMPError(f"Migration not in expected state: {self.status}")
+            raise QMPErrorResponse(f"Migration not in expected state: {self.status}")
         self.continue_event.set()
 
     def qmp_query_migrate(self, args: dict[str, Any]) -> dict[str, Any]:

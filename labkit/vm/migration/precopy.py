@@ -51,7 +51,7 @@ from labkit.vm.migration.savevm import (
 from labkit.vm.migration.state import MigrationCounters, MigrationStateBase, ms_between
 from labkit.vm.migration.stream import qemu_loadvm_state
 from labkit.vm.migration.vmstate import q35_savevm_handlers, vmstate_load_state
-from labkit.vm.monitor import QMPError
+from labkit.vm.qapi.error import QMPErrorResponse
 
 #: What a migration cancelled during its completion records: the main channel's error after migrate_cancel
 #: shut it down (qemu_file_shutdown() sets -EIO; qemu_file_get_error_obj() words it), as QEMU 10.0.2 reports.
@@ -235,17 +235,17 @@ class PrecopyMigration(MigrationStateBase):
             _, channel = parse_incoming_option(raw)
             assert channel is not None  # the caller passes -incoming main only when it is not "defer"
             self.qemu_start_incoming_migration(channel)
-        except (ValueError, OSError, QMPError) as e:
+        except (ValueError, OSError, QMPErrorResponse) as e:
             self.vm.fatal(str(e))
 
     def qmp_migrate_incoming(self, args: dict[str, Any]) -> None:
         uri, channels = args.get("uri"), args.get("channels")
         if self.vm.runstate.state != rs.INMIGRATE or "main" not in self.vm.opts.incoming:
-            raise QMPError("'-incoming' was not specified on the command line")
+            raise QMPErrorResponse("'-incoming' was not specified on the command line")
         if self.incoming_started:
-            raise QMPError("The incoming migration has already been started")
+            raise QMPErrorResponse("The incoming migration has already been started")
         if (uri is None) == (channels is None):
-            raise QMPError("need either 'uri' or 'channels' argument")
+            raise QMPErrorResponse("need either 'uri' or 'channels' argument")
         try:
             if channels is not None:
                 channel = parse_channels(channels, single_main=True)["main"]
@@ -253,18 +253,18 @@ class PrecopyMigration(MigrationStateBase):
                 assert uri is not None  # exactly one of the two is given (checked above)
                 channel = parse_uri(uri)
         except ValueError as e:
-            raise QMPError(str(e)) from None
+            raise QMPErrorResponse(str(e)) from None
         self.incoming_exit_on_error = args.get("exit-on-error", True)
         try:
             self.qemu_start_incoming_migration(channel)
         except (ValueError, OSError) as e:
-            raise QMPError(str(e)) from None
+            raise QMPErrorResponse(str(e)) from None
 
     def qemu_start_incoming_migration(self, channel: MigrationChannel) -> None:
         """Listen on (or open) the main channel, then close the cpr channel: the source's cue to connect."""
         if self.mode() == "cpr-transfer":
             if channel.addr.transport == "file":
-                raise QMPError("Migration requires streamable transport (eg unix)")
+                raise QMPErrorResponse("Migration requires streamable transport (eg unix)")
         source: socket.socket | io.RawIOBase
         if channel.addr.transport == "file":
             source = open_incoming_file(channel)
@@ -315,7 +315,7 @@ class PrecopyMigration(MigrationStateBase):
             }
             self.checkpoint("dst-precopy-loadvm-completed")
             self.hold("loaded")
-        except (OSError, StreamError, QMPError, ValueError) as e:
+        except (OSError, StreamError, QMPErrorResponse, ValueError) as e:
             if (
                 self._closing
             ):  # `quit` (or SIGTERM) while waiting or loading: an exit asked for, not a failure

@@ -236,3 +236,15 @@ def test_qemu_progress_and_post_resume(mode: str) -> None:
         written = _written_pages(r, r.post_resume["window_ms"])
         assert written > 100
         assert r.post_resume["pages_faulted"] >= min(written, 128 << 8) * 0.5, (r.post_resume, written)
+
+
+@pytest.mark.timeout(180)
+def test_cpr_exec_one_process_seen_before_and_after() -> None:
+    """cpr-exec keeps the PID: the series runs on in the same process's RAM, and its faults after RESUME
+    are the new program's (its address space was replaced by the exec)."""
+    with Lab(mode="cpr-exec", ram="32M", dirty_rate="256M", prefill=True) as lab:
+        r = lab.run()
+    assert r.status == "completed" and r.guest_verified, r.error
+    _check_series(r)
+    written = _written_pages(r, r.post_resume["window_ms"])
+    assert r.post_resume["pages_faulted"] >= min(written, 32 << 8) * 0.5, (r.post_resume, written)

@@ -52,18 +52,21 @@ class ProgressRecorder:
         migrate_ms = next((r.t_ms for r in timeline if r.kind == "qmp" and r.detail == "migrate"), None)
         src, dst = self.sampler.side("source"), self.sampler.side("destination")
         resume_ns = None if resume_ms is None else self.t0_ns + int(resume_ms * 1e6)
+        dst_sides = [dst] if dst is not None else []
+        if src is not None and dst is not None and src.pid == dst.pid:
+            dst_sides = [src, dst]  # cpr-exec: one process, seen from its start; its RAM is the same memfd
+        dst_samples = sorted((t, v) for d in dst_sides for t, v in zip(d.t_ns, d.value, strict=True))
         rows = stitch(
             (list(src.t_ns), list(src.value)) if src else None,
-            (list(dst.t_ns), list(dst.value)) if dst else None,
+            ([t for t, _ in dst_samples], [v for _, v in dst_samples]) if dst_samples else None,
             resume_ns,
             self.t0_ns,
         )
-        stat = []
-        if dst is not None:
-            stat = [
-                ((t - self.t0_ns) / 1e6, mn, mj)
-                for t, mn, mj in zip(dst.stat_t_ns, dst.minflt, dst.majflt, strict=True)
-            ]
+        stat = sorted(
+            ((t - self.t0_ns) / 1e6, mn, mj)
+            for d in dst_sides
+            for t, mn, mj in zip(d.stat_t_ns, d.minflt, d.majflt, strict=True)
+        )
         hz = [h for h in (sample_rate_hz(list(s.t_ns)) for s in (src, dst) if s is not None) if h]
         return rows, post_resume(
             rows,

@@ -248,3 +248,26 @@ def test_cpr_exec_one_process_seen_before_and_after() -> None:
     _check_series(r)
     written = _written_pages(r, r.post_resume["window_ms"])
     assert r.post_resume["pages_faulted"] >= min(written, 32 << 8) * 0.5, (r.post_resume, written)
+
+
+def test_counter_reader_maps_a_hugetlb_memfd_at_its_page_size() -> None:
+    """A hugetlb memfd maps only at 2 MiB offsets: the reader falls back to the huge page holding the counter
+    (the tiny guest's, at 0x1FF328, lies in the first 2 MiB page)."""
+    import mmap
+
+    from labkit.teach.after_pause import huge_pages_free
+
+    if (huge_pages_free() or 0) < 1:
+        pytest.skip("no free 2 MiB page in the hugetlb pool (labkit hugepages --reserve sets one)")
+    fd = os.memfd_create("labkit-progress-huge", os.MFD_HUGETLB)
+    try:
+        os.ftruncate(fd, 2 << 20)
+        with mmap.mmap(fd, 2 << 20) as m:
+            struct.pack_into("<Q", m, 0x1FF328, 12345 * 4096)
+        reader = pg.CounterReader(f"/proc/self/fd/{fd}", 0x1FF328)
+        try:
+            assert reader.read() == 12345 * 4096
+        finally:
+            reader.close()
+    finally:
+        os.close(fd)

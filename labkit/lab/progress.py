@@ -92,8 +92,14 @@ class CounterReader:
     def __init__(self, path: str, offset: int):
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            base = offset - offset % PAGE
-            self.map = mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ, offset=base)
+            for page in (PAGE, 2 << 20, 1 << 30):  # a hugetlb memfd maps only at its own page size
+                base = offset - offset % page
+                try:
+                    self.map = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ, offset=base)
+                    break
+                except OSError:
+                    if page == 1 << 30:
+                        raise
         finally:
             os.close(fd)
         self.at = offset - base

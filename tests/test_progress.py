@@ -271,3 +271,11 @@ def test_counter_reader_maps_a_hugetlb_memfd_at_its_page_size() -> None:
             reader.close()
     finally:
         os.close(fd)
+
+
+def test_steady_rate_counts_from_the_end_of_the_first_pass() -> None:
+    """A guest's first pass over fresh RAM pays first touches too: slow until it has written 10 MB here."""
+    rows = _with_rates(_series("source", 0, 100, lambda t: 2e8 if t < 50 else 1e9))  # 10 MB written by t=50
+    assert pr.steady_rate(rows, 100.0) == pytest.approx(6e8, rel=0.7)  # a blend of both
+    assert pr.steady_rate(rows, 100.0, from_bytes=10_000_000) == pytest.approx(1e9, rel=0.01)
+    assert pr.steady_rate(rows, 40.0, from_bytes=10_000_000) is None  # not reached before `migrate`

@@ -4,7 +4,8 @@ After cpr-transfer the new process maps the same memfds at new addresses with em
 KVM, an empty EPT), so each page the guest touches faults once more after it resumes. None of the three pause
 figures sees this: they end at RESUME. `post_resume` measures it the way the guest lives it:
 
-  steady_bytes_per_s   the guest's write rate before `migrate` (median of its 5 ms windows on the source)
+  steady_bytes_per_s   the guest's write rate before `migrate` (median of its 5 ms windows on the source,
+                       once it has written its whole RAM: a guest's first pass pays first touches too)
   recover_ms           from RESUME to the start of the first 5 ms window in which the destination's guest
                        writes at >= 90 % of that rate (0 when it resumes at full speed; None if not within
                        the window measured)
@@ -53,14 +54,18 @@ def value_at(ts: Sequence[float], vs: Sequence[int], t: float) -> int | None:
     return vs[i] if i >= 0 else None
 
 
-def steady_rate(rows: Sequence[ProgressRow], until_ms: float) -> float | None:
-    """Median of the source's windowed rates before `until_ms` (before the migration starts); None when there
-    are too few, or the guest wrote nothing (no dirty rate)."""
+def steady_rate(rows: Sequence[ProgressRow], until_ms: float, from_bytes: int = 1) -> float | None:
+    """Median of the source's windowed rates before `until_ms` (before the migration starts), counted once
+    the guest has written `from_bytes` (its whole RAM: before that its own first touches slow it, the very
+    cost being measured); None when there are too few, or the guest wrote nothing (no dirty rate)."""
     rates = [
         r.bytes_per_s
         for r in rows
-        if r.side == "source" and r.t_ms < until_ms and r.bytes > 0 and r.bytes_per_s is not None
-    ]  # from the guest's first write: a booting guest's zeros are not its rate
+        if r.side == "source"
+        and r.t_ms < until_ms
+        and r.bytes >= max(from_bytes, 1)
+        and r.bytes_per_s is not None
+    ]
     median = statistics.median(rates) if len(rates) >= 5 else 0.0
     return median or None
 
@@ -103,6 +108,7 @@ def post_resume(
     stop_ms: float | None,
     resume_ms: float | None,
     window_ms: float,
+    first_pass_bytes: int = 0,
     dst_stat: Sequence[tuple[float, int, int]] = (),
     sample_hz: float | None = None,
     rate_window_ms: float = RATE_WINDOW_MS,
@@ -112,7 +118,12 @@ def post_resume(
     if resume_ms is None or migrate_ms is None:
         out.note = "no RESUME (or no migrate) on the lab's clock: nothing to measure after it"
         return out
-    steady = steady_rate(rows, migrate_ms)
+    steady = steady_rate(rows, migrate_ms, first_pass_bytes)
+    if not steady and first_pass_bytes:
+        steady = steady_rate(rows, migrate_ms)
+        out.note = (
+            "steady rate taken while the guest still touched its RAM for the first time (warm up longer)"
+        )
     if not steady:
         out.note = "the guest wrote nothing measurable before the migration (set a dirty rate)"
         return out

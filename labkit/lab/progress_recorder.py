@@ -24,6 +24,7 @@ class ProgressRecorder:
         self.enabled = enabled
         self.after_ms = after_ms
         self.sampler: ProgressSampler | None = None
+        self.first_pass_bytes = 0  # what the guest writes in one pass over its RAM (its working set)
 
     def attach(self, side: str, machine) -> None:
         """Sample `machine` as `side` ("source" or "destination"); the first call starts the sampler."""
@@ -33,6 +34,8 @@ class ProgressRecorder:
             self.sampler = ProgressSampler()
             self.sampler.start()
         self.sampler.attach(side, machine.pid, counter_location(self.backend, machine.config))
+        guest = machine.config.guest
+        self.first_pass_bytes = int(0.95 * min(machine.config.ram, guest.working_set or machine.config.ram))
 
     def wait_after(self, resume_ns: int | None) -> None:
         """Let the guest run `after_ms` past RESUME (or past now, if RESUME is not known yet) while sampled."""
@@ -74,6 +77,7 @@ class ProgressRecorder:
             stop_ms=stop_ms,
             resume_ms=resume_ms,
             window_ms=self.after_ms,
+            first_pass_bytes=self.first_pass_bytes,
             dst_stat=stat,
             sample_hz=min(hz) if hz else None,
         )

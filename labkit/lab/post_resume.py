@@ -44,7 +44,7 @@ class PostResume:
     sample_hz: float | None = None
     note: str | None = None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
 

@@ -24,6 +24,10 @@ import time
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from labkit.host.hardware import VMConfig
 
 PAGE = mmap.PAGESIZE
 SAMPLE_PERIOD_S = 0.0005  # aim at 2 kHz, so that scheduling jitter still leaves >= 1 kHz
@@ -45,7 +49,7 @@ class CounterLocation:
     size: int | None = None  # the memfd's size, when several share the name
 
 
-def counter_location(backend: str, config) -> CounterLocation:
+def counter_location(backend: str, config: VMConfig) -> CounterLocation:
     """The counter of the guest that `config` describes, on `backend`."""
     if backend == "qemu":
         from labkit.host.runners import qemu_guest as qg
@@ -106,7 +110,8 @@ class CounterReader:
         self.inode = os.stat(path).st_ino
 
     def read(self) -> int:
-        return struct.unpack_from("<Q", self.map, self.at)[0]  # an aligned 8-byte load: never torn
+        value: int = struct.unpack_from("<Q", self.map, self.at)[0]  # an aligned 8-byte load: never torn
+        return value
 
     def close(self) -> None:
         self.map.close()
@@ -120,11 +125,11 @@ class SideSamples:
     pid: int
     loc: CounterLocation
     reader: CounterReader | None = None
-    t_ns: array = field(default_factory=lambda: array("q"))
-    value: array = field(default_factory=lambda: array("Q"))
-    stat_t_ns: array = field(default_factory=lambda: array("q"))
-    minflt: array = field(default_factory=lambda: array("Q"))
-    majflt: array = field(default_factory=lambda: array("Q"))
+    t_ns: array[int] = field(default_factory=lambda: array("q"))
+    value: array[int] = field(default_factory=lambda: array("Q"))
+    stat_t_ns: array[int] = field(default_factory=lambda: array("q"))
+    minflt: array[int] = field(default_factory=lambda: array("Q"))
+    majflt: array[int] = field(default_factory=lambda: array("Q"))
     gone: bool = False
 
 

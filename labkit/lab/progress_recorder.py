@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from labkit.lab.post_resume import PostResume, post_resume
 from labkit.lab.progress import ProgressRow, ProgressSampler, counter_location, sample_rate_hz, stitch
 from labkit.lab.report import TimelineRow
+
+if TYPE_CHECKING:
+    from labkit.host.machine import Machine
 
 DEFAULT_AFTER_MS = 250.0
 
@@ -26,7 +30,7 @@ class ProgressRecorder:
         self.sampler: ProgressSampler | None = None
         self.first_pass_bytes = 0  # what the guest writes in one pass over its RAM (its working set)
 
-    def attach(self, side: str, machine) -> None:
+    def attach(self, side: str, machine: Machine | None) -> None:
         """Sample `machine` as `side` ("source" or "destination"); the first call starts the sampler."""
         if not self.enabled or machine is None or machine.proc is None:
             return

@@ -8,6 +8,7 @@ pay page faults after RESUME instead. Several runs are drawn one above the other
 
 from __future__ import annotations
 
+from matplotlib.artist import Artist
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -62,14 +63,14 @@ def plot_progress(*results: Result, before_ms: float = BEFORE_MS) -> Figure:
         for band in ax.patches:
             band.set_alpha(0.12)
         for side, colour in SIDE_COLOURS.items():
-            rows = [r for r in res.progress if r.side == side and r.bytes_per_s is not None]
+            pts = [(r.t_ms - zero, r.bytes_per_s) for r in res.progress if r.side == side]
             ax.plot(
-                [r.t_ms - zero for r in rows],
-                [r.bytes_per_s / unit[1] for r in rows],
+                [t for t, v in pts if v is not None],
+                [v / unit[1] for t, v in pts if v is not None],
                 color=colour,
                 linewidth=0.8,
             )
-        handles = [
+        handles: list[Artist] = [
             Line2D([], [], color=c, linewidth=1.5, label=f"read from the {s}'s RAM")
             for s, c in SIDE_COLOURS.items()
         ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Iterable
+from typing import Any
 
 from labkit.lab.engine import Lab
 from labkit.lab.report import Result
@@ -25,7 +26,7 @@ GUEST_RATE = "1G"  # asks more than the emulated vCPU can write: it runs flat ou
 WINDOW_MS = 500.0  # long enough for the guest to rewrite a 64 MiB RAM once after RESUME, on a busy machine
 
 
-def run(mode: str = "cpr-transfer", ram: str = "64M", *, window_ms: float = WINDOW_MS, **kw) -> Result:
+def run(mode: str = "cpr-transfer", ram: str = "64M", *, window_ms: float = WINDOW_MS, **kw: Any) -> Result:
     """One migration of a guest that has touched all its RAM (prefill) and writes flat out."""
     kw.setdefault("dirty_rate", GUEST_RATE)
     kw.setdefault("max_bandwidth", "1G")
@@ -33,7 +34,7 @@ def run(mode: str = "cpr-transfer", ram: str = "64M", *, window_ms: float = WIND
         return lab.run()
 
 
-def row(result: Result) -> dict:
+def row(result: Result) -> dict[str, Any]:
     """The figures notebook 08 tabulates for one run."""
     p = result.post_resume
     ram_pages = result.ram_bytes // PAGE_4K
@@ -54,7 +55,7 @@ def row(result: Result) -> dict:
     }
 
 
-def sweep(rams: Iterable[str] = ("16M", "32M", "64M"), taken: Iterable[Result] = (), **kw):
+def sweep(rams: Iterable[str] = ("16M", "32M", "64M"), taken: Iterable[Result] = (), **kw: Any) -> Any:
     """cpr-transfer at each RAM size, plus runs already `taken` (not run again): one row each (pandas)."""
     import pandas as pd
 
@@ -62,7 +63,7 @@ def sweep(rams: Iterable[str] = ("16M", "32M", "64M"), taken: Iterable[Result] =
     return pd.DataFrame(rows).sort_values("ram_mib", ignore_index=True)
 
 
-def fault_ratio(frame) -> float | None:
+def fault_ratio(frame: Any) -> float | None:
     """Faults after RESUME at the largest RAM over those at the smallest: what the learner predicts."""
     f = frame.dropna(subset=["pages_faulted"]).sort_values("ram_mib")
     if len(f) < 2 or not f.pages_faulted.iloc[0]:
@@ -103,7 +104,7 @@ def huge_pages_free() -> int | None:
     return None
 
 
-def prealloc_pair(ram: str = "64M", without: Result | None = None, **kw):
+def prealloc_pair(ram: str = "64M", without: Result | None = None, **kw: Any) -> Any:
     """cpr-transfer with prealloc off (or the run `without` it already taken), then on: post-resume faults
     against the time from `migrate` to STOP."""
     import pandas as pd

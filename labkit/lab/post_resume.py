@@ -4,8 +4,9 @@ After cpr-transfer the new process maps the same memfds at new addresses with em
 KVM, an empty EPT), so each page the guest touches faults once more after it resumes. None of the three pause
 figures sees this: they end at RESUME. `post_resume` measures it the way the guest lives it:
 
-  steady_bytes_per_s   the guest's write rate before `migrate` (median of its 5 ms windows on the source,
-                       once it has written its whole RAM: a guest's first pass pays first touches too)
+  steady_bytes_per_s   the guest's write rate while the source ran alone, before the destination started
+                       (median of its 5 ms windows, once it has written its whole RAM: a guest's first pass
+                       pays first touches too; a starting destination competes with it for the CPUs)
   recover_ms           from RESUME to the start of the first 5 ms window in which the destination's guest
                        writes at >= 90 % of that rate (0 when it resumes at full speed; None if not within
                        the window measured)
@@ -109,6 +110,7 @@ def post_resume(
     resume_ms: float | None,
     window_ms: float,
     first_pass_bytes: int = 0,
+    steady_until_ms: float | None = None,
     dst_stat: Sequence[tuple[float, int, int]] = (),
     sample_hz: float | None = None,
     rate_window_ms: float = RATE_WINDOW_MS,
@@ -118,9 +120,10 @@ def post_resume(
     if resume_ms is None or migrate_ms is None:
         out.note = "no RESUME (or no migrate) on the lab's clock: nothing to measure after it"
         return out
-    steady = steady_rate(rows, migrate_ms, first_pass_bytes)
+    until = min(migrate_ms, steady_until_ms) if steady_until_ms is not None else migrate_ms
+    steady = steady_rate(rows, until, first_pass_bytes)
     if not steady and first_pass_bytes:
-        steady = steady_rate(rows, migrate_ms)
+        steady = steady_rate(rows, until)
         out.note = (
             "steady rate taken while the guest still touched its RAM for the first time (warm up longer)"
         )

@@ -57,6 +57,8 @@ class ProgressRecorder:
         stop_ms = _first(timeline, "source", "STOP")
         resume_ms = _first(timeline, "destination", "RESUME")
         migrate_ms = next((r.t_ms for r in timeline if r.kind == "qmp" and r.detail == "migrate"), None)
+        phases = [r.t_ms for r in timeline if r.side == "lab" and r.kind == "phase"]
+        alone_until = phases[1] if len(phases) > 1 else None  # the source ran alone until the second phase
         src, dst = self.sampler.side("source"), self.sampler.side("destination")
         resume_ns = None if resume_ms is None else self.t0_ns + int(resume_ms * 1e6)
         dst_sides = [dst] if dst is not None else []
@@ -82,6 +84,7 @@ class ProgressRecorder:
             resume_ms=resume_ms,
             window_ms=self.after_ms,
             first_pass_bytes=self.first_pass_bytes,
+            steady_until_ms=alone_until,
             dst_stat=stat,
             sample_hz=min(hz) if hz else None,
         )

@@ -78,7 +78,7 @@ def plot_progress(*results: Result, before_ms: float = BEFORE_MS) -> Figure:
         if steady:
             ax.axhline(steady / unit[1], color="black", linestyle="--", linewidth=1)
             handles.append(
-                Line2D([], [], color="black", linestyle="--", label="steady rate (before migrate)")
+                Line2D([], [], color="black", linestyle="--", label="steady rate (the source alone)")
             )
         if pause:
             ax.axvspan(0.0, pause[1] - pause[0], color="red", alpha=0.35, linewidth=0)

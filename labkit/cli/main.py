@@ -76,6 +76,14 @@ def _migration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--defer", action="store_true", help="start the destination with -incoming defer")
     p.add_argument("--seed", default=1, type=int)
     p.add_argument("--timeout", default=60.0, type=float, help="seconds to wait for any one phase")
+    p.add_argument("--prealloc", default="off", choices=["on", "off"], help="prealloc= of the memory backend")
+    p.add_argument(
+        "--progress-after",
+        default=250.0,
+        type=float,
+        metavar="MS",
+        help="sample the guest's progress this long after RESUME (post_resume's window; 0: no sampling)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -95,6 +103,9 @@ def _lab_kwargs(args: argparse.Namespace) -> dict:
         defer=args.defer,
         seed=args.seed,
         timeout=args.timeout,
+        prealloc=args.prealloc == "on",
+        progress=args.progress_after > 0,
+        progress_after_ms=args.progress_after,
     )
 
 

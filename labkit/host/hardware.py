@@ -35,6 +35,7 @@ class VMConfig:
     serial_path: str | None = None  # -serial file:PATH
     holds: list[str] = field(default_factory=list)  # -x-hold (emulator only): migration points to wait at
     nodefaults: bool = True  # -nodefaults; off adds q35's VGA and e1000e NIC, and with them their RAM blocks
+    prealloc: bool = False  # prealloc=on on the memory backend: every page faulted in at start (both backends)
 
     def __post_init__(self) -> None:
         self.ram = parse_size(self.ram, "m") if isinstance(self.ram, str) else self.ram
@@ -70,6 +71,8 @@ class VMConfig:
             parts.append(f"share={'on' if self.share else 'off'}")
         if self.memory_backend == "file":
             parts.append(f"mem-path={self.mem_path}")
+        if self.prealloc:
+            parts.append("prealloc=on")
         return ",".join(parts)
 
     def common_argv(self, qmp_path: str) -> list[str]:

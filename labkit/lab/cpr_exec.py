@@ -125,6 +125,7 @@ class CprExecPhases:
             self.dst = None
             return
         self.dst.adopt(self.src)
+        self.progress.attach("destination", self.dst)  # the same process: its RAM, read from RESUME on
         self.src.qmp.close()  # the old program's monitor went away with it
         self.exec_done = True
         self.mark("lab", "process", f"the new program's monitor is up (same pid {self.src.pid})")

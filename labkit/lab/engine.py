@@ -25,6 +25,7 @@ from labkit.host.runners import get_backend
 from labkit.lab.breakdown import pause_breakdown
 from labkit.lab.cpr_exec import PHASES as CPR_EXEC_PHASES
 from labkit.lab.cpr_exec import CprExecPhases, qemu_cpr_exec_refusal
+from labkit.lab.progress_recorder import DEFAULT_AFTER_MS, ProgressRecorder
 from labkit.lab.report import MappingRow, Result, TimelineRow
 from labkit.qemu_syntax import GuestConfig, parse_size
 
@@ -119,6 +120,9 @@ class Lab(CprExecPhases):
         events: bool = True,
         timeout: float = 60.0,
         prefill: bool = False,
+        progress: bool = True,  # sample the guest's progress through the memfd (Result.progress)
+        progress_after_ms: float = DEFAULT_AFTER_MS,  # ... for this long after RESUME (Result.post_resume)
+        prealloc: bool = False,  # prealloc=on on the memory backend: RAM faulted in when the VM starts
     ):
         if mode not in ALL_MODES:
             raise LabError(f"mode must be one of {', '.join(ALL_MODES)}, not {mode!r}")
@@ -160,6 +164,7 @@ class Lab(CprExecPhases):
                 seed=seed,
                 prefill=prefill,
             ),
+            prealloc=prealloc,
         )
         self.src: Machine | None = None
         self.dst: Machine | None = None
@@ -167,6 +172,7 @@ class Lab(CprExecPhases):
         self.cpr_path = os.path.join(self.dir, "cpr.sock")
         self.file_path = os.path.join(self.dir, "vm-state")
         self.t0 = time.monotonic_ns()
+        self.progress = ProgressRecorder(backend, self.t0, progress, progress_after_ms)
         self.marks: list[TimelineRow] = []
         self.error: str | None = None
         self.migrate_info: dict = {}
@@ -235,6 +241,7 @@ class Lab(CprExecPhases):
         return self.result
 
     def close(self) -> None:
+        self.progress.close()
         for m in (self.dst, self.src):
             if m is not None:
                 with contextlib.suppress(Exception):
@@ -256,6 +263,7 @@ class Lab(CprExecPhases):
     def _spawn(self, config: VMConfig, connect: bool = True) -> Machine:
         m = Machine(config, self.backend)
         m.launch(connect=connect, timeout=self.timeout)
+        self.progress.attach(config.name, m)
         return m
 
     def _start_source(self) -> None:
@@ -576,6 +584,8 @@ class Lab(CprExecPhases):
 
     def _collect(self) -> Result:
         cfg = self.config
+        if self.error is None:
+            self.progress.wait_after(None)  # the guest runs on, sampled, for progress_after_ms
         res = Result(
             backend=self.backend,
             mode=self.mode,
@@ -648,6 +658,8 @@ class Lab(CprExecPhases):
         res.timeline += self.marks
         res.timeline.sort(key=lambda r: r.t_ms)
         res.pause_breakdown = pause_breakdown(res.timeline)
+        res.progress, post = self.progress.finish(res.timeline)
+        res.post_resume = post.to_dict()
         res.states["source"] = (
             self.src.cmd("query-status", timeout=10)["status"]
             if src_alive

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from labkit.lab.progress import ProgressRow
+
 
 @dataclass
 class MappingRow:
@@ -72,6 +74,18 @@ class Result:
     pause_breakdown: list[BreakdownRow] = field(default_factory=list)  # QEMU's checkpoints, from STOP
     query_migrate: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # the guest's own bytes-written counter sampled through the memfd (labkit.lab.progress), and the
+    # first-touch cost after RESUME measured from it (labkit.lab.post_resume)
+    progress: list[ProgressRow] = field(default_factory=list)
+    post_resume: dict[str, Any] = field(default_factory=dict)
+
+    def progress_frame(self):
+        """The guest's progress as a DataFrame (t_ms, side, bytes written since boot, bytes_per_s)."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            [asdict(r) for r in self.progress], columns=["t_ms", "side", "bytes", "bytes_per_s"]
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,6 +129,7 @@ class Result:
                 "notes",
                 "pages_per_pass",
                 "pause_breakdown",
+                "progress",
             ):
                 continue
             if isinstance(value, dict):
@@ -159,6 +174,8 @@ class Result:
             f"  states: source {self.states.get('source')}, destination {self.states.get('destination')}",
             f"  guest memory verified: {self.guest_verified}",
         ]
+        if self.post_resume.get("steady_bytes_per_s"):
+            lines.append("  after RESUME: " + post_resume_line(self.post_resume))
         if self.pause_breakdown:
             lines.append("  pause by checkpoint (ms from STOP, +ms since the one before):")
             for b in self.pause_breakdown:
@@ -172,6 +189,22 @@ class Result:
 
     def notes_block(self) -> str:
         return next((m.block for m in self.mappings), "")
+
+
+def post_resume_line(pr: dict[str, Any]) -> str:
+    """post_resume in one line: the guest's rate against its steady rate, recovery, time lost, faults."""
+    from labkit.qemu_syntax import human_size
+
+    def rate(v: float | None) -> str:
+        return "n/a" if v is None else f"{human_size(int(v))}/s"
+
+    rec = pr.get("recover_ms")
+    return (
+        f"guest wrote {rate(pr.get('first_window_bytes_per_s'))} in its first {pr.get('window_ms')} ms "
+        f"(steady {rate(pr.get('steady_bytes_per_s'))}), back to 90 % after "
+        f"{'more than the window' if rec is None else f'{rec} ms'}, {pr.get('lost_ms')} ms of guest time lost, "
+        f"{pr.get('pages_faulted')} page faults in the destination"
+    )
 
 
 def concat(results):

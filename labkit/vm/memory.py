@@ -102,6 +102,7 @@ class RAMBlock:
     max_length: int = 0  # what is mapped (and the memfd's size); 0 = the used length
     mr_name: str = ""  # the MemoryRegion's name ("vga.vram" for "0000:00:01.0/vga.vram"); "" = idstr
     readonly: bool = False  # a ROM (info ramblock's RO column)
+    prealloc: bool = False  # its backend has prealloc=on (query-memdev's "prealloc")
     offset: int = 0  # the block's ram_addr_t (find_ram_offset), info ramblock's Offset column
     mm: mmap.mmap | None = field(default=None, repr=False)
     dirty: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8), repr=False)  # sized in _new_block
@@ -320,6 +321,9 @@ def ram_blocks_create(opts: MachineOptions, cpr_fds: dict[str, int] | None = Non
         for obj in opts.objects.values():
             shared = obj.share and obj.qom_type != "memory-backend-epc"
             block = _new_block(obj.id, obj.size, obj.qom_type, shared, obj.mem_path, fds)
+            if obj.prealloc:  # qemu_prealloc_mem(): at creation, also for memory adopted over CPR
+                populate(block)
+                block.prealloc = True
             blocks.append(block)
             if obj.id == opts.memory_backend:
                 system = block

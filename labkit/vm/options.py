@@ -77,6 +77,7 @@ class BackendOptions:
     size: int
     share: bool
     mem_path: str | None = None
+    prealloc: bool = False  # prealloc=on: host_memory_backend_memory_complete() faults every page in
 
 
 @dataclass
@@ -213,12 +214,13 @@ def _object(opts: MachineOptions, value: str) -> None:
     # QEMU's defaults: memory-backend-memfd shares (share=on), the others do not
     share = parse_bool(kv.pop("share"), "share") if "share" in kv else qom_type == "memory-backend-memfd"
     mem_path = kv.pop("mem-path", None)
+    prealloc = parse_bool(kv.pop("prealloc"), "prealloc") if "prealloc" in kv else False
     if qom_type == "memory-backend-file" and not mem_path:
         raise OptionError("mem-path property not set")
     for key in kv:
         if key not in ("prealloc", "merge", "dump", "reserve", "host-nodes", "policy"):
             raise OptionError(f"Property '{qom_type}.{key}' not found")
-    opts.objects[oid] = BackendOptions(qom_type, oid, size, share, mem_path)
+    opts.objects[oid] = BackendOptions(qom_type, oid, size, share, mem_path, prealloc)
 
 
 def _qmp(opts: MachineOptions, value: str) -> None:

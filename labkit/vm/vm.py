@@ -156,7 +156,7 @@ class VM:
                         "size": b.size,
                         "merge": False,
                         "dump": True,
-                        "prealloc": False,
+                        "prealloc": b.prealloc,
                         "share": b.shared,
                         "host-nodes": [],
                         "policy": "default",

@@ -62,10 +62,11 @@ PATTERN_MUL_GEN = 0x85EBCA77
 PATTERN_MUL_IDX = 0x01000193
 HEARTBEAT_ADDR = 0x1FF000
 HEARTBEAT_MAGIC = 0x42484B4C
-HEARTBEAT_VERSION = 1
+HEARTBEAT_VERSION = 2
 HEARTBEAT_RANGES = 4
 HEARTBEAT_GAP_SLOTS = 16
-HEARTBEAT_SIZE = 0x328
+HEARTBEAT_SIZE = 0x330
+HEARTBEAT_PROGRESS_OFF = 0x328  # u64 progress_bytes: bytes written since boot, read alone (no seqlock)
 _HB_HEAD = struct.Struct("<4I7Q2IQ4I")  # magic .. reserved0, 0x000-0x068
 _HB_RANGE = struct.Struct("<2Q")
 _HB_GAP = struct.Struct("<3Q")
@@ -329,6 +330,7 @@ class Heartbeat:
     ranges: list[tuple[int, int]] = field(default_factory=list)
     gaps: list[tuple[int, int, int]] = field(default_factory=list)  # (end_tsc, gap_tsc, seq), oldest first
     cmdline: str = ""
+    progress_bytes: int = 0  # bytes written since boot (version 2), what the progress sampler reads
 
     @property
     def valid(self) -> bool:
@@ -360,6 +362,8 @@ def _parse_heartbeat(buf: bytes) -> Heartbeat:
         first = count % HEARTBEAT_GAP_SLOTS
         hb.gaps = slots[first:] + slots[:first]
     hb.cmdline = buf[_HB_CMDLINE_OFF : _HB_CMDLINE_OFF + 256].split(b"\0", 1)[0].decode(errors="replace")
+    if len(buf) >= HEARTBEAT_PROGRESS_OFF + 8:
+        hb.progress_bytes = struct.unpack_from("<Q", buf, HEARTBEAT_PROGRESS_OFF)[0]
     return hb
 
 

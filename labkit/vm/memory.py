@@ -25,6 +25,7 @@ import numpy as np
 
 from labkit.errors import LabkitError
 from labkit.vm.options import MachineOptions
+from labkit.vm.oslib import qemu_prealloc_mem
 
 PAGE_SIZE = 4096
 
@@ -322,7 +323,7 @@ def ram_blocks_create(opts: MachineOptions, cpr_fds: dict[str, int] | None = Non
             shared = obj.share and obj.qom_type != "memory-backend-epc"
             block = _new_block(obj.id, obj.size, obj.qom_type, shared, obj.mem_path, fds)
             if obj.prealloc:  # qemu_prealloc_mem(): at creation, also for memory adopted over CPR
-                populate(block)
+                qemu_prealloc_mem(block.mm)
                 block.prealloc = True
             blocks.append(block)
             if obj.id == opts.memory_backend:

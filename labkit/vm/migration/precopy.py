@@ -51,13 +51,12 @@ from labkit.vm.migration.savevm import (
 from labkit.vm.migration.state import MigrationCounters, MigrationStateBase, ms_between
 from labkit.vm.migration.stream import qemu_loadvm_state
 from labkit.vm.migration.vmstate import q35_savevm_handlers, vmstate_load_state
+from labkit.vm.oslib import qemu_prealloc_mem
 from labkit.vm.qapi.error import QMPErrorResponse
 
 #: What a migration cancelled during its completion records: the main channel's error after migrate_cancel
 #: shut it down (qemu_file_shutdown() sets -EIO; qemu_file_get_error_obj() words it), as QEMU 10.0.2 reports.
 CHANNEL_SHUTDOWN_ERROR = "Channel error: Input/output error"
-#: MADV_POPULATE_WRITE (linux/mman.h): pre-faults a mapping so the first writes do not fault page by page.
-MADV_POPULATE_WRITE = 23
 
 
 def _loadvm_errno(e: Exception) -> int:
@@ -69,13 +68,8 @@ def _loadvm_errno(e: Exception) -> int:
 
 
 def ram_block_populate(block: MigratableRAMBlock) -> None:
-    """Fault the whole block in ahead of an incoming stream (MADV_POPULATE_WRITE), where the kernel allows it."""
-    if block.mm is None:
-        return
-    try:
-        block.mm.madvise(MADV_POPULATE_WRITE)
-    except OSError:
-        pass
+    """Fault the whole block in ahead of an incoming stream that writes every page anyway."""
+    qemu_prealloc_mem(block.mm)
 
 
 class PrecopyMigration(MigrationStateBase):

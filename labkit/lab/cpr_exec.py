@@ -14,23 +14,17 @@ point); after the new program has mapped RAM (it starts with `-incoming defer` a
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from labkit.host.machine import Machine
 from labkit.host.qmp_sync import QMPCommandError, QMPTimeout
+from labkit.lab.collect import SourceRecord
+from labkit.lab.phase import Phase
 
 if TYPE_CHECKING:
     from labkit.lab.engine import Lab
 
 QEMU_CPR_EXEC_VERSION = (10, 2, 0)
-
-PHASES = [
-    "source running",
-    "source stopped, device state saved to a file",
-    "exec: same PID, new program, guest RAM mapped",
-    "device state loaded",
-    "destination running in the same process",
-]
 
 
 def qemu_cpr_exec_refusal() -> str | None:
@@ -46,19 +40,7 @@ def qemu_cpr_exec_refusal() -> str | None:
 
 
 class CprExecPhases:
-    """Mixed into Lab: the cpr-exec phases, in the order of PHASES."""
-
-    exec_done: bool = False
-    pre_exec: dict[str, Any] | None = None
-
-    def _cpr_exec_actions(self: Lab) -> list:
-        return [
-            self._start_source,
-            self._migrate_cpr_exec,
-            self._exec_new_program,
-            self._load_after_exec,
-            self._wait_resumed_after_exec,
-        ]
+    """Mixed into Lab: the cpr-exec phases after "source running" (PHASES, at the end of this module)."""
 
     def _cpr_exec_incoming(self: Lab) -> str:
         """The new program loads from the file at once, or waits (defer) so that a step can look at it first."""
@@ -69,8 +51,8 @@ class CprExecPhases:
         if self.error is not None:
             return
         self._hold(self.src, "cpr-exec")
-        self.src_maps = self._block_mappings("source", self.src)  # the old program's addresses, for later
-        self.dst = Machine(self._dest_config(self._cpr_exec_incoming(), holds=("loaded",)), self.backend)
+        self.src_record.mappings = self._block_mappings("source", self.src)  # the old program's, for later
+        self.dst = Machine(self._dest_config(self._cpr_exec_incoming(), holds=("loaded",)), self.runner)
         try:
             self.src.cmd("migrate-set-parameters", {"cpr-exec-command": self.dst.argv})
         except QMPCommandError as e:
@@ -85,14 +67,13 @@ class CprExecPhases:
             self.src,
         )
         if self._source_status() == "failed" and not os.path.exists(self.dst.qmp_path):
-            info = self.src.cmd("query-migrate", timeout=10)
-            self._failed(info.get("error-desc") or "migration failed")
+            self._failed(self._progress(self.src).error_desc or "migration failed")
             return
         self._wait_held(self.src, "cpr-exec")
 
     def _source_status(self: Lab) -> str | None:
         """The old program's last migration status: from its MIGRATION events, else asked (None once gone)."""
-        if self.events_cap:
+        if self.scenario.events:
             seen = [
                 ev["data"]["status"]
                 for ev in self.src.events[self._events_from :]
@@ -100,7 +81,7 @@ class CprExecPhases:
             ]
             return seen[-1] if seen else None
         try:
-            return self.src.cmd("query-migrate", timeout=10).get("status")
+            return self._progress(self.src).status
         except Exception:  # noqa: BLE001 - the monitor went away with the exec: no status to read
             return None
 
@@ -120,8 +101,7 @@ class CprExecPhases:
             self.src,
         )
         if self._exec_failed():
-            info = self.src.cmd("query-migrate", timeout=10)
-            self._failed(info.get("error-desc") or "cpr-exec failed")
+            self._failed(self._progress(self.src).error_desc or "cpr-exec failed")
             self.dst = None
             return
         self.dst.adopt(self.src)
@@ -133,25 +113,22 @@ class CprExecPhases:
         except (QMPTimeout, ConnectionError) as e:
             self._failed(f"destination monitor: {e}")
             return
-        record = self.dst.cmd("x-labkit-query-migrate", timeout=10).get("pre-exec") or {}
+        record = self.runner.migration_details(self.dst).get("pre-exec") or {}
         self.pre_exec = record
-        self.migrate_info = record.get("query-migrate", {})
-        self.migrate_lab_info = record.get("x-labkit-query-migrate", {})
-        self.src_checkpoints = [
-            {**c, "kind": "checkpoint", "detail": ""}
-            for c in record.get("checkpoints", [])
-        ]
-        self.src_events = record.get("events", [])
-        self.src_state = record.get("runstate", "(exec'd)")
+        self.src_record = SourceRecord(
+            query_migrate=record.get("query-migrate", {}),
+            details=record.get("x-labkit-query-migrate", {}),
+            events=record.get("events", []),
+            checkpoints=[{**c, "kind": "checkpoint", "detail": ""} for c in record.get("checkpoints", [])],
+            runstate=record.get("runstate", "(exec'd)"),
+            mappings=self.src_record.mappings,
+        )
 
     def _load_after_exec(self: Lab) -> None:
         if self.error is not None or self.dst is None:
             return
         if self._cpr_exec_incoming() == "defer":
-            self.dst.cmd(
-                "migrate-set-capabilities",
-                {"capabilities": [{"capability": "events", "state": self.events_cap}]},
-            )
+            self._set_capability(self.dst, "events", self.scenario.events)
             self.dst.cmd("migrate-incoming", {"uri": f"file:{self.file_path}"})
         if self.stepping:
             self._wait_held(self.dst, "loaded")
@@ -163,3 +140,11 @@ class CprExecPhases:
             return
         self._continue(self.dst, "loaded")
         self._wait_for(self._dst_done, "the new program to resume", self.dst)
+
+
+PHASES = (
+    Phase("save", "source stopped, device state saved to a file", CprExecPhases._migrate_cpr_exec),
+    Phase("exec", "exec: same PID, new program, guest RAM mapped", CprExecPhases._exec_new_program),
+    Phase("load", "device state loaded", CprExecPhases._load_after_exec),
+    Phase("resume", "destination running in the same process", CprExecPhases._wait_resumed_after_exec),
+)

@@ -8,8 +8,12 @@ pause_ms is measured three ways, because they disagree and the difference teache
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from labkit.lab.facts import HostFacts
+from labkit.lab.scenario import Scenario
 
 
 @dataclass
@@ -72,9 +76,31 @@ class Result:
     pause_breakdown: list[BreakdownRow] = field(default_factory=list)  # QEMU's checkpoints, from STOP
     query_migrate: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    scenario: Scenario | None = None  # what was asked: a Result read back can be run again
+    host: HostFacts | None = None  # the machine it ran on, and its load
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def to_json(self, **dumps: Any) -> str:
+        """The Result as `labkit migrate --json` prints it; from_json() reads it back."""
+        return json.dumps(self.to_dict(), default=str, **dumps)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Result:
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in data.items() if k in known}
+        d["mappings"] = [MappingRow(**r) for r in d.get("mappings", [])]
+        d["timeline"] = [TimelineRow(**r) for r in d.get("timeline", [])]
+        d["pause_breakdown"] = [BreakdownRow(**r) for r in d.get("pause_breakdown", [])]
+        d["scenario"] = Scenario.from_dict(d["scenario"]) if d.get("scenario") else None
+        d["host"] = HostFacts.from_dict(d["host"]) if d.get("host") else None
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> Result:
+        """A Result from to_json()'s text (or a saved `labkit migrate --json` line)."""
+        return cls.from_dict(json.loads(text))
 
     def timeline_frame(self):
         """The timeline as a pandas DataFrame (t_ms, side, kind, detail), on the host's CLOCK_MONOTONIC."""
@@ -115,6 +141,8 @@ class Result:
                 "notes",
                 "pages_per_pass",
                 "pause_breakdown",
+                "scenario",
+                "host",
             ):
                 continue
             if isinstance(value, dict):
@@ -123,6 +151,10 @@ class Result:
             else:
                 row[key] = value
         row["pages_per_pass"] = " ".join(map(str, self.pages_per_pass))
+        if self.scenario is not None:  # the settings it ran with, by their Scenario names (ram is ram_bytes)
+            for key, value in self.scenario.to_dict().items():
+                if key != "ram":
+                    row.setdefault(key, value)
         return row
 
     def to_frame(self):

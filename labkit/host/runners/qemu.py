@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from labkit.host.hardware import VMConfig
 from labkit.host.procfs import read_fds, read_maps
 from labkit.host.runners import qemu_guest as qg
+from labkit.host.runners.base import Runner
 from labkit.host.runners.qemu_trace import (
     SOCKET_CHECKPOINTS,
     TRACE_LOG,
@@ -196,8 +197,10 @@ class _Baseline:
     gap_count: int
 
 
-class QemuOps:
-    """BackendOps for real QEMU: everything read from outside the process."""
+class QemuRunner(Runner):
+    """The runner for real QEMU: everything QMP does not answer is read from outside the process. It holds a
+    migration only where QEMU does (pause-before-switchover, -S), keeps no event history of its own, and has
+    no x-labkit-* command."""
 
     name = "qemu"
 
@@ -213,6 +216,10 @@ class QemuOps:
         self.boot_timeout = boot_timeout
         self.trace = trace
         self._baselines: dict[int, _Baseline] = {}  # by the guest's boot_tsc: one guest, either process
+
+    def version(self) -> str | None:
+        found = qg.qemu_version()
+        return None if found is None else ".".join(map(str, found))
 
     def argv(self, config: VMConfig, qmp_path: str) -> list[str]:
         # the trace log lives in the VM's run dir, beside its QMP socket, and goes when the run dir goes
@@ -485,3 +492,6 @@ def _copy_to_memfd(ram: GuestRamAccess, chunk: int = 16 << 20) -> int:
 def memfd_inodes(pid: int) -> dict[str, int]:
     """{memfd name: inode} of a process's open memfds (QEMU's guest RAM is "memory-backend-memfd")."""
     return {f.memfd_name: f.inode for f in read_fds(pid) if f.kind == "memfd" and f.memfd_name}
+
+
+QemuOps = QemuRunner  # the name before runners had one interface

@@ -18,7 +18,7 @@ import tempfile
 import threading
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from labkit.host.hardware import VMConfig
 from labkit.host.procfs import Mapping, read_maps
@@ -71,9 +71,9 @@ class Machine:
         self.qmp_path = str(self.run_dir / "qmp.sock")
         self.log_path = self.run_dir / "vm.log"
         self.argv = runner.argv(config, self.qmp_path)
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.qmp = QMP(config.name)
-        self._log = None
+        self._log: BinaryIO | None = None
 
     # -- life cycle --------------------------------------------------------------------------------------
     def launch(self, connect: bool = True, timeout: float = 30.0) -> Machine:
@@ -135,11 +135,11 @@ class Machine:
         assert self.proc is not None
         return self.proc.pid
 
-    def cmd(self, command: str, args: dict | None = None, timeout: float = 30.0, **kwargs: Any) -> Any:
+    def cmd(self, command: str, args: dict[str, Any] | None = None, timeout: float = 30.0, **kwargs: Any) -> Any:
         return self.qmp.cmd(command, args, timeout, **kwargs)
 
     @property
-    def events(self) -> list[dict]:
+    def events(self) -> list[dict[str, Any]]:
         return self.qmp.events
 
     def maps(self) -> list[Mapping]:

@@ -62,9 +62,9 @@ def block_mappings(runner: Runner, side: str, m: Machine | None) -> list[Mapping
         return []
     try:
         blocks = runner.ram_blocks(m) if m.qmp.connected else []
-    except (QMPCommandError, QMPTimeout):
-        blocks = []
-    maps = read_maps(m.pid)
+        maps = read_maps(m.pid)
+    except (*_QMP_GONE, OSError):  # it exited meanwhile
+        return []
     rows = []
     for b in blocks:
         for mp in maps:
@@ -131,7 +131,7 @@ def _times_and_bytes(res: Result, info: MigrationInfo, details: MigrationDetails
             res.first_pass_bytes_per_s = round(details.bytes_per_pass[0] / details.seconds_per_pass[0], 1)
 
 
-def _pause_from_events(res: Result, src_events: list[dict], dst_events: list[dict], has_dst: bool) -> None:
+def _pause_from_events(res: Result, src_events: list[dict[str, Any]], dst_events: list[dict[str, Any]], has_dst: bool) -> None:
     """STOP on the source to RESUME on the destination, on the host's CLOCK_MONOTONIC."""
     stop = next((e for e in src_events if e.get("event") == "STOP"), None)
     resume = next((e for e in dst_events if e.get("event") == "RESUME"), None)
@@ -141,7 +141,7 @@ def _pause_from_events(res: Result, src_events: list[dict], dst_events: list[dic
         res.notes.append("no RESUME seen: the destination resumed before its monitor was connected")
 
 
-def _timeline(lab: Lab, res: Result, src: SourceRecord, dst_events: list[dict]) -> None:
+def _timeline(lab: Lab, res: Result, src: SourceRecord, dst_events: list[dict[str, Any]]) -> None:
     """Both sides' events and trace points and the lab's own marks, in time order, from the lab's start."""
 
     def row(ns: int, side: str, kind: str, detail: str) -> TimelineRow:
@@ -167,8 +167,9 @@ def _destination_state(dst: Machine | None) -> str:
     if dst is None or dst.proc is None:
         return "(not started)"
     if dst.alive() and dst.qmp.connected:
-        state: str = dst.cmd("query-status", timeout=10)["status"]
-        return state
+        with contextlib.suppress(*_QMP_GONE):  # a destination whose migration failed exits as QEMU's does
+            state: str = dst.cmd("query-status", timeout=10)["status"]
+            return state
     return "(no monitor yet)" if dst.alive() else "(exited)"
 
 

@@ -25,7 +25,6 @@ from labkit.host.qmp_sync import QMPCommandError, QMPTimeout
 from labkit.host.runners import Runner, get_runner
 from labkit.lab.collect import SourceRecord, block_mappings, collect, details_of, read_source
 from labkit.lab.cpr_exec import PHASES as CPR_EXEC_PHASES
-from labkit.lab.cpr_exec import CprExecPhases
 from labkit.lab.facts import HostFacts
 from labkit.lab.phase import Phase
 from labkit.lab.progress import MigrationDetails, MigrationInfo
@@ -45,9 +44,9 @@ class Snapshot:
     index: int
     states: dict[str, str | None] = field(default_factory=dict)
     migration: dict[str, Any] = field(default_factory=dict)  # query-migrate per side, as QEMU wrote it
-    events: list[dict] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
     bytes: dict[str, int | None] = field(default_factory=dict)
-    fds: dict[str, list[dict]] = field(default_factory=dict)
+    fds: dict[str, list[dict[str, Any]]] = field(default_factory=dict[str, Any])
     mappings: list[MappingRow] = field(default_factory=list)
     pids: dict[str, int | None] = field(default_factory=dict)  # cpr-exec: one PID, two programs
 
@@ -56,7 +55,7 @@ class Snapshot:
         return MigrationInfo.from_qmp(self.migration.get(side))
 
 
-class Lab(CprExecPhases):
+class Lab:
     """Orchestrates one migration. Use as a context manager so both processes always end.
 
     Lab(Scenario(mode="normal", ram="64M")) is the form to read; Lab(mode="normal", ram="64M") builds the
@@ -84,7 +83,7 @@ class Lab(CprExecPhases):
         self.src_record = SourceRecord()  # what is known of a source that quit (cpr-reboot) or exec'd
         self.exec_done = False  # cpr-exec: the old program has exec'd into the destination
         self.pre_exec: dict[str, Any] | None = None  # cpr-exec: the old program's record, read after the exec
-        self._events_from = 0  # index in the source's events where this migration's start
+        self.events_from = 0  # index in the source's events where this migration's start
         self.plan: list[Phase] = list(MODE_PHASES[self.scenario.mode])
         self.index = 0
         self.stepping = False  # set by the first step(): hold at each phase so both sides can be looked at
@@ -181,42 +180,42 @@ class Lab(CprExecPhases):
         m.launch(connect=connect, timeout=self.timeout)
         return m
 
-    def _set_capability(self, m: Machine, capability: str, state: bool) -> None:
+    def set_capability(self, m: Machine, capability: str, state: bool) -> None:
         m.cmd("migrate-set-capabilities", {"capabilities": [{"capability": capability, "state": state}]})
 
     def _start_source(self) -> None:
         s = self.scenario
         self.src = self._spawn(self.config)
         self.runner.ready(self.src)  # real QEMU: wait for the guest to boot, so the warm-up is time it runs
-        self._set_capability(self.src, "events", s.events)
+        self.set_capability(self.src, "events", s.events)
         params: dict[str, Any] = {"mode": s.mode, "downtime-limit": s.downtime_limit, "max-bandwidth": s.max_bandwidth}
         try:
             self.src.cmd("migrate-set-parameters", params)
         except QMPCommandError as e:
-            self._failed(str(e))
+            self.failed(str(e))
             return
         if s.mode == "cpr-reboot" and s.memory_backend == "file":
-            self._set_capability(self.src, "x-ignore-shared", True)
+            self.set_capability(self.src, "x-ignore-shared", True)
         time.sleep(s.warmup)  # let the guest run and dirty memory before migrating
 
-    def _dest_config(self, *incoming: str | dict, holds: tuple[str, ...] = ()) -> VMConfig:
+    def dest_config(self, *incoming: str | dict[str, Any], holds: tuple[str, ...] = ()) -> VMConfig:
         held = list(holds) if self.stepping else []
         return replace(self.config, name="destination", holds=held).with_incoming(*incoming)
 
     # -- holding (where the runner can, when stepping) -------------------------------------------------------
-    def _hold(self, m: Machine | None, *points: str) -> None:
+    def hold(self, m: Machine | None, *points: str) -> None:
         if self.stepping and m is not None:
             self.runner.hold(m, *points)
 
-    def _wait_held(self, m: Machine | None, point: str) -> None:
+    def wait_held(self, m: Machine | None, point: str) -> None:
         if self.stepping and self.error is None and m is not None:
-            self._wait_for(
+            self.wait_for(
                 lambda: self.runner.held_at(m) == point or self._src_ended(),
                 f"the {m.config.name} to reach '{point}'",
                 m,
             )
 
-    def _continue(self, m: Machine | None, point: str) -> None:
+    def continue_(self, m: Machine | None, point: str) -> None:
         if self.stepping and self.error is None and m is not None:
             with contextlib.suppress(QMPCommandError):
                 self.runner.continue_(m, point)
@@ -224,123 +223,116 @@ class Lab(CprExecPhases):
     def _src_ended(self) -> bool:
         if self.exec_done or self.src is None:  # cpr-exec: the old program is gone; the destination is the same process
             return False
-        return self._progress(self.src).status in ("failed", "cancelled")
+        return self.progress(self.src).status in ("failed", "cancelled")
 
     def _start_destination_cpr(self) -> None:
         main = "defer" if self.defer else f"unix:{self.main_path}"
         cpr = {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": self.cpr_path}}
-        self.dst = self._spawn(self._dest_config(main, cpr, holds=("cpr-load", "loaded")), connect=False)
-        self._wait_for(
+        self.dst = self._spawn(self.dest_config(main, cpr, holds=("cpr-load", "loaded")), connect=False)
+        self.wait_for(
             lambda: os.path.exists(self.cpr_path), "the destination to listen on the cpr channel", self.dst
         )
 
     def _start_destination_normal(self) -> None:
         main = "defer" if self.defer else f"unix:{self.main_path}"
-        self.dst = self._spawn(self._dest_config(main, holds=("loaded",)))
-        self.dst.cmd(
-            "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": self.scenario.events}]}
-        )
+        self.dst = self._spawn(self.dest_config(main, holds=("loaded",)))
+        self.set_capability(self.dst, "events", self.scenario.events)
         if self.defer:
             self.dst.cmd("migrate-incoming", {"uri": f"unix:{self.main_path}"})
         if self.runner.faults_in_before_accept:
             # the destination faults its RAM in before it accepts; don't measure a stream racing with that
             dst = self.dst
-            self._wait_for(
+            self.wait_for(
                 lambda: self.runner.checkpoint_seen(dst, "labkit-dst-populated"),
                 "the destination to fault its RAM in",
                 self.dst,
             )
 
     def _start_destination_defer(self) -> None:
-        self.dst = self._spawn(self._dest_config("defer"))
-        self.dst.cmd(
-            "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": self.scenario.events}]}
-        )
+        self.dst = self._spawn(self.dest_config("defer"))
+        self.set_capability(self.dst, "events", self.scenario.events)
         if self.scenario.memory_backend == "file":
-            self.dst.cmd(
-                "migrate-set-capabilities",
-                {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
-            )
+            self.set_capability(self.dst, "x-ignore-shared", True)
 
-    def _reset_gap(self) -> None:
+    def start_migration(self, args: dict[str, Any]) -> bool:
+        """`migrate` on the source; False (and the lab's error set) when QEMU refuses it."""
+        src = self.src
+        assert src is not None
         with contextlib.suppress(QMPCommandError, QMPTimeout):
-            self.runner.reset_gap(self.src)
-
-    def _migrate(self, args: dict) -> bool:
-        self._reset_gap()
+            self.runner.reset_gap(src)  # the guest's longest gap is measured from here
         self.mark("source", "qmp", "migrate")
-        self._events_from = len(self.src.events)
+        self.events_from = len(src.events)
         try:
-            self.src.cmd("migrate", args)
+            src.cmd("migrate", args)
         except QMPCommandError as e:
-            self._failed(str(e))
+            self.failed(str(e))
             return False
         return True
 
     def _migrate_cpr_transfer(self) -> None:
-        self._hold(self.src, "cpr-hup", "main-connected")
+        self.hold(self.src, "cpr-hup", "main-connected")
         channels = [
             {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": self.main_path}},
             {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": self.cpr_path}},
         ]
-        self._migrate({"channels": channels})
+        self.start_migration({"channels": channels})
 
     def _connect_destination(self) -> None:
         """cpr-transfer: the destination's monitor exists only once it has loaded CPR state."""
         assert self.dst is not None
-        self._continue(self.dst, "cpr-load")  # held before its monitor exists (emulator, when stepping)
+        self.continue_(self.dst, "cpr-load")  # held before its monitor exists (emulator, when stepping)
         if not self.stepping and not self.defer and self.runner.keeps_event_history:
             # The emulated destination keeps its own event history (x-labkit-events), so the lab can connect
             # once the source is done: its QMP handshake then does not compete, on two cores, with the pause
             # it measures. Real QEMU keeps no history, so there the lab connects at once, as users do.
-            self._wait_status(("completed", "failed", "cancelled"))
+            self.wait_status(("completed", "failed", "cancelled"))
         try:
             self.dst.connect(self.timeout)
         except (QMPTimeout, ConnectionError) as e:
-            self._failed(f"destination monitor: {e}")
+            self.failed(f"destination monitor: {e}")
             return
         if self.defer:
             self.dst.cmd("migrate-incoming", {"uri": f"unix:{self.main_path}"})
-        self._wait_held(self.src, "cpr-hup")
+        self.wait_held(self.src, "cpr-hup")
 
     def _wait_source_stopped(self) -> None:
-        self._continue(self.src, "cpr-hup")
-        self._wait_held(self.src, "main-connected")
+        self.continue_(self.src, "cpr-hup")
+        self.wait_held(self.src, "main-connected")
         if not self.stepping:
-            self._wait_status(("active", "device", "completed", "failed", "cancelled"))
+            self.wait_status(("active", "device", "completed", "failed", "cancelled"))
 
     def _wait_device_sent(self) -> None:
-        self._continue(self.src, "switchover")
-        self._continue(self.src, "main-connected")
-        self._wait_status(("completed", "failed", "cancelled"))
+        self.continue_(self.src, "switchover")
+        self.continue_(self.src, "main-connected")
+        self.wait_status(("completed", "failed", "cancelled"))
         if self.dst is not None:
-            self._wait_held(self.dst, "loaded")
+            self.wait_held(self.dst, "loaded")
 
     def _wait_completed(self) -> None:
-        self._wait_status(("completed", "failed", "cancelled"))
+        self.wait_status(("completed", "failed", "cancelled"))
         if self.dst is not None:
-            self._continue(self.dst, "loaded")
+            self.continue_(self.dst, "loaded")
         if self.error is None and self.dst is not None:
-            self._wait_for(lambda: self._dst_done(), "the destination to finish loading", self.dst)
+            self.wait_for(self.dst_done, "the destination to finish loading", self.dst)
 
-    def _dst_done(self) -> bool:
+    def dst_done(self) -> bool:
         assert self.dst is not None
-        return self._progress(self.dst).status in ("completed", "failed")
+        return self.progress(self.dst).status in ("completed", "failed")
 
     @staticmethod
-    def _progress(m: Machine) -> MigrationInfo:
+    def progress(m: Machine) -> MigrationInfo:
         """query-migrate, parsed (labkit.lab.progress)."""
         return MigrationInfo.from_qmp(m.cmd("query-migrate", timeout=10))
 
     def _migrate_normal(self) -> None:
-        self._hold(self.src, "switchover")
-        if self._migrate({"uri": f"unix:{self.main_path}"}):
-            self._wait_status(("active", "device", "completed", "failed", "cancelled"))
-            self._wait_held(self.src, "switchover")
+        self.hold(self.src, "switchover")
+        if self.start_migration({"uri": f"unix:{self.main_path}"}):
+            self.wait_status(("active", "device", "completed", "failed", "cancelled"))
+            self.wait_held(self.src, "switchover")
 
     def _migrate_cpr_reboot(self) -> None:
-        if self._migrate({"uri": f"file:{self.file_path}"}):
-            self._wait_status(("completed", "failed", "cancelled"))
+        if self.start_migration({"uri": f"file:{self.file_path}"}):
+            self.wait_status(("completed", "failed", "cancelled"))
 
     def _quit_source(self) -> None:
         assert self.src is not None
@@ -351,10 +343,10 @@ class Lab(CprExecPhases):
     def _restore_from_file(self) -> None:
         assert self.dst is not None
         self.dst.cmd("migrate-incoming", {"uri": f"file:{self.file_path}"})
-        self._wait_for(lambda: self._dst_done(), "the restore to finish", self.dst)
+        self.wait_for(self.dst_done, "the restore to finish", self.dst)
 
     # -- waiting -----------------------------------------------------------------------------------------
-    def _failed(self, message: str) -> None:
+    def failed(self, message: str) -> None:
         if self.error is None:
             hint = convergence_hint(self.scenario.dirty_rate, self.scenario.max_bandwidth)
             if hint and self.mode == "normal" and message.startswith("timed out"):
@@ -362,7 +354,7 @@ class Lab(CprExecPhases):
             self.error = message
             self.mark("lab", "error", message)
 
-    def _wait_for(
+    def wait_for(
         self,
         cond: Callable[[], bool],
         what: str,
@@ -375,7 +367,7 @@ class Lab(CprExecPhases):
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if m is not None and not m.alive():
-                self._failed(f"waiting for {what}: the process exited ({m.exit_reason()})")
+                self.failed(f"waiting for {what}: the process exited ({m.exit_reason()})")
                 return
             try:
                 if cond():
@@ -384,9 +376,9 @@ class Lab(CprExecPhases):
                 pass
             self._observe()
             nap(interval)
-        self._failed(f"timed out after {self.timeout} s waiting for {what}")
+        self.failed(f"timed out after {self.timeout} s waiting for {what}")
 
-    def _wait_status(self, statuses: tuple[str, ...]) -> None:
+    def wait_status(self, statuses: tuple[str, ...]) -> None:
         """Wait for the source's migration status. With the events capability on, MIGRATION events say it:
         no query-migrate is sent while the migration runs, so the lab does not make the source's monitor
         parse and answer requests in the middle of the pause it measures. Without events, it polls."""
@@ -397,7 +389,7 @@ class Lab(CprExecPhases):
         last = [MigrationInfo()]  # the last query-migrate asked
 
         def seen() -> str | None:
-            for ev in src.events[self._events_from :]:
+            for ev in src.events[self.events_from :]:
                 if ev.get("event") == "MIGRATION" and ev.get("data", {}).get("status") in statuses:
                     status: str = ev["data"]["status"]
                     return status
@@ -407,7 +399,7 @@ class Lab(CprExecPhases):
             if events and seen() is not None:
                 return True
             if not events:
-                last[0] = self._progress(src)
+                last[0] = self.progress(src)
             return last[0].status in statuses
 
         def nap(seconds: float) -> None:
@@ -415,16 +407,16 @@ class Lab(CprExecPhases):
                 self.runner.wait_event(src, "MIGRATION", timeout=seconds * 5, after=len(src.events))
             except QMPTimeout:
                 if events:  # no event for a while: ask, in case one was missed
-                    last[0] = self._progress(src)
+                    last[0] = self.progress(src)
 
-        self._wait_for(reached, f"migration status {'/'.join(statuses)}", src, nap=nap)
+        self.wait_for(reached, f"migration status {'/'.join(statuses)}", src, nap=nap)
         status = (seen() if events else None) or last[0].status
         if status in ("failed", "cancelled"):
-            info = self._progress(src)
-            self._failed(info.error_desc or f"migration {info.status}")
+            info = self.progress(src)
+            self.failed(info.error_desc or f"migration {info.status}")
 
     # -- observing ---------------------------------------------------------------------------------------
-    def _block_mappings(self, side: str, m: Machine | None) -> list[MappingRow]:
+    def block_mappings(self, side: str, m: Machine | None) -> list[MappingRow]:
         return block_mappings(self.runner, side, m)
 
     def _side_snapshot(self, snap: Snapshot, side: str, m: Machine | None) -> None:
@@ -444,12 +436,12 @@ class Lab(CprExecPhases):
         snap.pids[side] = m.pid if m is not None else None
         if m is not None and m.alive():
             # Python's mmap keeps a dup of each fd it maps: show one row per memfd (per inode)
-            seen: dict[int, dict] = {}
+            seen: dict[int, dict[str, Any]] = {}
             for f in read_fds(m.pid):
-                if f.kind == "memfd" and f.inode not in seen:
+                if f.kind == "memfd" and f.inode is not None and f.inode not in seen:
                     seen[f.inode] = {"fd": f.fd, "name": f.memfd_name, "inode": f.inode, "size": f.size}
             snap.fds[side] = list(seen.values())
-            snap.mappings += self._block_mappings(side, m)
+            snap.mappings += self.block_mappings(side, m)
 
     def snapshot(self, phase: str) -> Snapshot:
         snap = Snapshot(phase, self.index)

@@ -9,11 +9,16 @@ pause_ms is measured three ways, because they disagree and the difference teache
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from labkit.lab.facts import HostFacts
 from labkit.lab.scenario import Scenario
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -102,13 +107,13 @@ class Result:
         """A Result from to_json()'s text (or a saved `labkit migrate --json` line)."""
         return cls.from_dict(json.loads(text))
 
-    def timeline_frame(self):
+    def timeline_frame(self) -> pd.DataFrame:
         """The timeline as a pandas DataFrame (t_ms, side, kind, detail), on the host's CLOCK_MONOTONIC."""
         import pandas as pd
 
         return pd.DataFrame([asdict(r) for r in self.timeline], columns=["t_ms", "side", "kind", "detail"])
 
-    def breakdown_frame(self):
+    def breakdown_frame(self) -> pd.DataFrame:
         """The pause by checkpoint as a DataFrame (checkpoint, side, t_ms from STOP, delta_ms from the one
         before), QEMU's checkpoint names on both backends."""
         import pandas as pd
@@ -117,7 +122,7 @@ class Result:
             [asdict(r) for r in self.pause_breakdown], columns=["checkpoint", "side", "t_ms", "delta_ms"]
         )
 
-    def phase_durations(self):
+    def phase_durations(self) -> pd.DataFrame:
         """How long each lab phase lasted (ms): from its start mark to the next one, or the last event."""
         import pandas as pd
 
@@ -157,13 +162,13 @@ class Result:
                     row.setdefault(key, value)
         return row
 
-    def to_frame(self):
+    def to_frame(self) -> pd.DataFrame:
         """One row with the same fields as `labkit migrate --json`, flattened (pause_ms_reported, bytes_main, ...)."""
         import pandas as pd
 
         return pd.DataFrame([self.flat()])
 
-    def mappings_frame(self):
+    def mappings_frame(self) -> pd.DataFrame:
         import pandas as pd
 
         return pd.DataFrame([asdict(r) for r in self.mappings])
@@ -206,7 +211,7 @@ class Result:
         return next((m.block for m in self.mappings), "")
 
 
-def concat(results):
+def concat(results: Iterable[Result | pd.DataFrame]) -> pd.DataFrame:
     """Many Results (or frames) as one DataFrame, one row each."""
     import pandas as pd
 
@@ -214,11 +219,11 @@ def concat(results):
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def to_csv(frame, path) -> None:
+def to_csv(frame: pd.DataFrame, path: str | os.PathLike[str]) -> None:
     frame.to_csv(path, index=False)
 
 
-def read_csv(path):
+def read_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read a results CSV back (written by to_csv or `labkit bench`)."""
     import pandas as pd
 

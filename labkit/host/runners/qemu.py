@@ -14,8 +14,9 @@ import os
 import re
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from labkit.host.hardware import VMConfig
 from labkit.host.procfs import read_fds, read_maps
@@ -83,7 +84,7 @@ def qemu_argv(
     accel: str | None = None,
     bios: str | None = None,
     binary: str | None = None,
-    guest: str | os.PathLike | None = None,
+    guest: str | os.PathLike[str] | None = None,
     trace_log: str | None = None,
 ) -> list[str]:
     """Real QEMU's command line for a VMConfig: the options both backends share (config.common_argv), an
@@ -120,7 +121,7 @@ def _wall_minus_monotonic() -> int:
 _OFFSET_NS: int | None = None
 
 
-def wall_to_monotonic_ns(timestamp: dict) -> int:
+def wall_to_monotonic_ns(timestamp: dict[str, Any]) -> int:
     """A QMP event timestamp (wall clock, seconds + microseconds) on the host's CLOCK_MONOTONIC.
 
     The offset between the two clocks is sampled once per process, so every converted event shares it and
@@ -147,7 +148,7 @@ _RAMBLOCK_LINE = re.compile(
 )
 
 
-def parse_ramblocks(text: str) -> list[dict]:
+def parse_ramblocks(text: str) -> list[dict[str, Any]]:
     """Rows of x-query-ramblock (HMP `info ramblock`): name, used size, host virtual address, read-only."""
     out = []
     for line in text.splitlines():
@@ -214,7 +215,7 @@ class QemuRunner(Runner):
         self.accel = accel
         self.bios = bios if bios is not None else default_bios()
         self.boot_timeout = boot_timeout
-        self.trace = trace
+        self.tracing = trace  # write QEMU's trace log (checkpoints() reads it)
         self._baselines: dict[int, _Baseline] = {}  # by the guest's boot_tsc: one guest, either process
 
     def version(self) -> str | None:
@@ -223,11 +224,11 @@ class QemuRunner(Runner):
 
     def argv(self, config: VMConfig, qmp_path: str) -> list[str]:
         # the trace log lives in the VM's run dir, beside its QMP socket, and goes when the run dir goes
-        trace_log = os.path.join(os.path.dirname(qmp_path), TRACE_LOG) if self.trace else None
+        trace_log = os.path.join(os.path.dirname(qmp_path), TRACE_LOG) if self.tracing else None
         return qemu_argv(config, qmp_path, accel=self.accel, bios=self.bios, trace_log=trace_log)
 
     # -- finding guest RAM ---------------------------------------------------------------------------------
-    def ram_blocks(self, m: Machine) -> list[dict]:
+    def ram_blocks(self, m: Machine) -> list[dict[str, Any]]:
         """QEMU's own block list (x-query-ramblock) with each block's mapping from /proc/PID/maps; falls back
         to the memfd mappings alone (guest RAM's memfd is named after its backend type, not its id)."""
         maps = read_maps(m.pid)
@@ -303,7 +304,7 @@ class QemuRunner(Runner):
             time.sleep(0.01)
 
     # -- the guest's view ----------------------------------------------------------------------------------
-    def guest_stats(self, m: Machine) -> dict:
+    def guest_stats(self, m: Machine) -> dict[str, Any]:
         """The emulator's keys, from the heartbeat page. max-gap-ns is the longest gap between two page
         writes since reset_gap (the guest's own TSC), or None with "max-gap-why" when the guest cannot see
         the pause: under TCG (its TSC stops with the VM). A paced guest counts a stall inside its pacing wait too."""
@@ -313,7 +314,7 @@ class QemuRunner(Runner):
         ns = (lambda tsc: tsc * 1_000_000 // hb.tsc_khz) if hb.tsc_khz else (lambda tsc: None)
         base = self._baselines.get(hb.boot_tsc)
         gap_tsc, exact = self._max_gap_since(hb, base)
-        stats = {
+        stats: dict[str, Any] = {
             "heartbeat-seq": hb.seq,
             "max-gap-ns": ns(gap_tsc) if gap_tsc is not None else None,
             "bytes-written": hb.seq * qg.PAGE_SIZE,
@@ -363,7 +364,7 @@ class QemuRunner(Runner):
         hb = self.wait_booted(m)
         self._baselines[hb.boot_tsc] = _Baseline(hb.seq, hb.gap_count)
 
-    def verify(self, m: Machine) -> dict:
+    def verify(self, m: Machine) -> dict[str, Any]:
         """Check every patterned page of guest RAM with the guest held still, the way the emulator's
         x-labkit-verify holds its vCPU: the whole QEMU process is frozen (SIGSTOP) rather than stopped
         over QMP, so no STOP/RESUME events and no runstate change enter the record; the guest, whose TSC
@@ -397,12 +398,12 @@ class QemuRunner(Runner):
         return res
 
     # -- events --------------------------------------------------------------------------------------------
-    def events(self, m: Machine) -> list[dict]:
+    def events(self, m: Machine) -> list[dict[str, Any]]:
         """The events this client saw since it connected (QEMU keeps no history of its own), each with
         "monotonic-ns" converted from its wall-clock timestamp."""
         return [{**e, "monotonic-ns": wall_to_monotonic_ns(e["timestamp"])} for e in list(m.events)]
 
-    def checkpoints(self, m: Machine) -> list[dict]:
+    def checkpoints(self, m: Machine) -> list[dict[str, Any]]:
         """QEMU's own trace points from the VM's trace log, on CLOCK_MONOTONIC: each downtime checkpoint
         under its own name ("src-vm-stopped", ...) and the main channel's connect/accept as kind
         "checkpoint"; every other traced event (cpr_*, per-section vmstate_downtime_save/load) as kind
@@ -434,7 +435,7 @@ def _all_threads_stopped(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def frozen(pid: int, timeout: float = 10.0):
+def frozen(pid: int, timeout: float = 10.0) -> Iterator[None]:
     """Hold every thread of a process still (SIGSTOP ... SIGCONT), waiting until all of them have stopped."""
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -448,7 +449,7 @@ def frozen(pid: int, timeout: float = 10.0):
         os.kill(pid, signal.SIGCONT)
 
 
-def _settle_heartbeat(pid: int, read, tries: int = 50) -> None:
+def _settle_heartbeat(pid: int, read: Callable[[], qg.Heartbeat], tries: int = 50) -> None:
     """Frozen in the middle of a heartbeat update (its seqlock odd)? Let it run a moment and freeze again,
     so that the heartbeat names exactly which pass each page must hold."""
     for _ in range(tries):
@@ -491,7 +492,7 @@ def _copy_to_memfd(ram: GuestRamAccess, chunk: int = 16 << 20) -> int:
 
 def memfd_inodes(pid: int) -> dict[str, int]:
     """{memfd name: inode} of a process's open memfds (QEMU's guest RAM is "memory-backend-memfd")."""
-    return {f.memfd_name: f.inode for f in read_fds(pid) if f.kind == "memfd" and f.memfd_name}
+    return {f.memfd_name: f.inode for f in read_fds(pid) if f.kind == "memfd" and f.memfd_name and f.inode}
 
 
 QemuOps = QemuRunner  # the name before runners had one interface

@@ -18,25 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 from labkit.host.machine import Machine
 from labkit.host.qmp_sync import QMPCommandError, QMPTimeout
+from labkit.host.runners.qemu import QEMU_CPR_EXEC_VERSION, qemu_cpr_exec_refusal
 from labkit.lab.collect import SourceRecord
 from labkit.lab.phase import Phase
 
 if TYPE_CHECKING:
     from labkit.lab.engine import Lab
 
-QEMU_CPR_EXEC_VERSION = (10, 2, 0)
-
-
-def qemu_cpr_exec_refusal() -> str | None:
-    """Why real QEMU here cannot run cpr-exec (one line naming the version needed), or None."""
-    from labkit.host.runners.qemu_guest import qemu_binary, qemu_version
-
-    binary = qemu_binary()
-    version = qemu_version(binary) if binary else None
-    if version is None or version < QEMU_CPR_EXEC_VERSION:
-        have = "not installed" if binary is None else f"{binary} is version {'.'.join(map(str, version or ()))}"
-        return f"cpr-exec needs QEMU 10.2 or later ({have})"
-    return "cpr-exec on the qemu backend is not implemented: labkit follows QEMU 10.2's source in the emulator"
+__all__ = ["PHASES", "QEMU_CPR_EXEC_VERSION", "qemu_cpr_exec_refusal"]
 
 
 def _incoming(lab: Lab) -> str:

@@ -67,6 +67,9 @@ class Lab:
         self.scenario = scenario if scenario is not None else Scenario(**settings)
         self.scenario.check()  # before anything is spawned: one line, not an OOM kill
         self.runner = runner if runner is not None else get_runner(self.scenario.backend)
+        refusal = self.runner.refusal(self.scenario.mode)
+        if refusal is not None:
+            raise LabError(refusal)
         self.host = HostFacts.measure(qemu=self.runner.version())  # the machine, as the run starts
         self.observers: list[Observer] = []  # called at every poll while the lab waits (samples, figures)
         self.dir = tempfile.mkdtemp(prefix="labkit-lab-")
@@ -121,7 +124,7 @@ class Lab:
         return VMConfig(
             name="source", ram=s.ram, memory_backend=s.memory_backend, share=s.vm_share,
             aux_ram_share=s.aux_ram_share, guest=s.guest,
-            mem_path=os.path.join(self.dir, "guest-ram") if s.memory_backend == "file" else None,
+            mem_path=os.path.join(self.dir, "guest-ram") if s.file_backed else None,
         )  # fmt: skip
 
     # -- stepping ----------------------------------------------------------------------------------------
@@ -194,7 +197,7 @@ class Lab:
         except QMPCommandError as e:
             self.failed(str(e))
             return
-        if s.mode == "cpr-reboot" and s.memory_backend == "file":
+        if s.mode == "cpr-reboot" and s.file_backed:
             self.set_capability(self.src, "x-ignore-shared", True)
         time.sleep(s.warmup)  # let the guest run and dirty memory before migrating
 
@@ -251,7 +254,7 @@ class Lab:
     def _start_destination_defer(self) -> None:
         self.dst = self._spawn(self.dest_config("defer"))
         self.set_capability(self.dst, "events", self.scenario.events)
-        if self.scenario.memory_backend == "file":
+        if self.scenario.file_backed:
             self.set_capability(self.dst, "x-ignore-shared", True)
 
     def start_migration(self, args: dict[str, Any]) -> bool:

@@ -92,10 +92,6 @@ class Scenario:
             )  # fmt: skip
         except LimitError as e:
             raise LabError(str(e)) from None
-        if self.mode == "cpr-exec" and self.backend == "qemu":
-            from labkit.lab.cpr_exec import qemu_cpr_exec_refusal
-
-            raise LabError(qemu_cpr_exec_refusal())
 
     # -- what it becomes ------------------------------------------------------------------------------------
     @property
@@ -107,9 +103,14 @@ class Scenario:
         )  # fmt: skip
 
     @property
+    def file_backed(self) -> bool:
+        """Guest RAM in memory-backend-file (the lab's shared file; cpr-reboot may then skip it)."""
+        return self.memory_backend in ("file",)
+
+    @property
     def vm_share(self) -> bool | None:
         """share= on the memory backend: the lab's file backend is a shared file (cpr-reboot's docs)."""
-        return True if self.share is None and self.memory_backend == "file" else self.share
+        return True if self.share is None and self.file_backed else self.share
 
     def with_(self, **changes: Any) -> Scenario:
         """A copy with some settings changed (sizes may be spelled as QEMU spells them)."""

@@ -35,6 +35,10 @@ class Runner:
         """The full command line of a VM."""
         raise NotImplementedError
 
+    def refusal(self, mode: str) -> str | None:
+        """Why this runner cannot run a migration mode (one line for the user), or None when it can."""
+        return None
+
     def version(self) -> str | None:
         """The version of the program that runs the VMs, where it is not labkit itself."""
         return None

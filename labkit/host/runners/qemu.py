@@ -34,11 +34,22 @@ if TYPE_CHECKING:
     from labkit.host.machine import Machine
 
 QEMU_MIN_VERSION = (10, 0, 0)
+QEMU_CPR_EXEC_VERSION = (10, 2, 0)
 QBOOT = "/usr/share/qemu/qboot.rom"
 BOOT_TIMEOUT = 60.0  # SeaBIOS alone takes 5-12 s under a nested KVM; qboot about 1 s
 
 
 # ------------------------------------------------------------------------------------------ availability
+
+
+def qemu_cpr_exec_refusal() -> str:
+    """Why real QEMU here cannot run cpr-exec (one line naming the version needed)."""
+    binary = qg.qemu_binary()
+    version = qg.qemu_version(binary) if binary else None
+    if version is None or version < QEMU_CPR_EXEC_VERSION:
+        have = "not installed" if binary is None else f"{binary} is version {'.'.join(map(str, version or ()))}"
+        return f"cpr-exec needs QEMU 10.2 or later ({have})"
+    return "cpr-exec on the qemu backend is not implemented: labkit follows QEMU 10.2's source in the emulator"
 
 
 def qemu_missing() -> str | None:
@@ -217,6 +228,9 @@ class QemuRunner(Runner):
         self.boot_timeout = boot_timeout
         self.tracing = trace  # write QEMU's trace log (checkpoints() reads it)
         self._baselines: dict[int, _Baseline] = {}  # by the guest's boot_tsc: one guest, either process
+
+    def refusal(self, mode: str) -> str | None:
+        return qemu_cpr_exec_refusal() if mode == "cpr-exec" else None
 
     def version(self) -> str | None:
         found = qg.qemu_version()

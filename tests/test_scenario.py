@@ -75,3 +75,30 @@ def test_progress_parses_query_migrate_once():
     details = MigrationDetails.from_qmp({"source": {"bytes-main": 10, "bytes-cpr": 7, "pages-per-pass": [1, 2]}})
     assert details is not None and (details.bytes_main, details.bytes_cpr, details.pages_per_pass) == (10, 7, [1, 2])
     assert MigrationDetails.from_qmp({}) is None
+
+
+def test_runners_answer_by_capability_not_by_name():
+    from labkit.host.runners import RunnerError, get_runner
+    from labkit.host.runners.emulated import EmulatedRunner
+    from labkit.host.runners.qemu import QemuRunner
+
+    emulated, qemu = get_runner("emulated"), get_runner("qemu")
+    assert isinstance(emulated, EmulatedRunner) and isinstance(qemu, QemuRunner)
+    assert get_runner(emulated) is emulated
+    assert emulated.can_hold and emulated.keeps_event_history and emulated.has_migration_details
+    assert not (qemu.can_hold or qemu.keeps_event_history or qemu.has_migration_details)
+    assert emulated.refusal("cpr-exec") is None and "cpr-exec" in (qemu.refusal("cpr-exec") or "")
+    assert qemu.refusal("cpr-transfer") is None
+    with pytest.raises(RunnerError, match="cannot hold"):
+        qemu.hold(None, "switchover")  # type: ignore[arg-type]  # refused before the VM is looked at
+    with pytest.raises(RunnerError, match="unknown backend 'kvm'"):
+        get_runner("kvm")
+
+
+def test_a_lab_on_a_runner_that_cannot_hold_steps_without_holding():
+    """Scenario.holds="never" (or a runner without holds) steps through the phases without holding."""
+    with Lab(Scenario(mode="normal", ram="16M", warmup=0.05, holds="never")) as lab:
+        assert not lab.can_hold
+        snaps = [lab.step() for _ in lab.phases]
+        assert not lab.stepping and snaps[-1].states["destination"] == "running"
+        assert lab.run().guest_verified

@@ -15,7 +15,7 @@ from typing import Any
 
 from labkit.lab.engine import Lab, migrate
 from labkit.lab.progress import MigrationInfo
-from labkit.lab.scenario import Scenario
+from labkit.lab.scenario import Backend, Pattern, Scenario
 from labkit.qemu_syntax import parse_size
 
 
@@ -153,8 +153,11 @@ class _PrecopyWatcher:
         return None if sent is None else (time.monotonic_ns() - lab.t0) / 1e9 - sent.t_ms / 1000
 
     def sample(self, lab: Lab, t_s: float) -> MigrationInfo:
+        """One row of query-migrate; none while the migration is still in setup (it has sent nothing)."""
         assert lab.src is not None
         info = MigrationInfo.from_qmp(lab.src.cmd("query-migrate"))
+        if info.status in ("none", "setup"):
+            return info
         rescued = self.rescued_at is not None
         limit = self.rescue.get("downtime-limit", self.scenario.downtime_limit) if rescued else None
         bandwidth = self.rescue.get("max-bandwidth", self.scenario.max_bandwidth) if rescued else None
@@ -179,8 +182,10 @@ class _PrecopyWatcher:
         t_s = self._since_migrate(lab)
         if t_s is None or t_s < self._next or self.cancelled or lab.src is None:
             return
-        self._next = t_s + self.interval
         info = self.sample(lab, t_s)
+        if info.status in ("none", "setup"):
+            return  # ask again at the next poll
+        self._next = t_s + self.interval
         many = info.stats.dirty_sync_count >= self.passes
         if many and self.rescue and self.rescued_at is None and info.status == "active":
             lab.src.cmd("migrate-set-parameters", self.rescue)  # mid-migration: the next pass uses them
@@ -195,12 +200,12 @@ def watch_precopy(
     dirty_rate: str | int = "256M",
     max_bandwidth: str | int = "128M",
     downtime_limit: int = 300,
-    pattern: str = "sequential",
+    pattern: Pattern = "sequential",
     passes: int = 5,
     timeout: float = 20.0,
     interval: float = 0.25,
     seed: int = 1,
-    backend: str = "emulated",
+    backend: Backend = "emulated",
     rescue: Mapping[str, Any] | None = None,
 ) -> PrecopyWatch:
     """Run a normal (pre-copy) migration through the Lab, sampling query-migrate every `interval` s until it
@@ -213,9 +218,10 @@ def watch_precopy(
     import pandas as pd
 
     scenario = Scenario(
-        mode="normal", backend=backend, ram=ram, dirty_rate=dirty_rate, max_bandwidth=max_bandwidth,
-        downtime_limit=downtime_limit, pattern=pattern, seed=seed, warmup=0.2, timeout=timeout + 30,
-    )  # fmt: skip  (pattern is checked with the rest: a Literal at rest, a string as typed)
+        mode="normal", backend=backend, ram=parse_size(ram, "m"), dirty_rate=parse_size(dirty_rate),
+        max_bandwidth=parse_size(max_bandwidth), downtime_limit=downtime_limit, pattern=pattern, seed=seed,
+        warmup=0.2, timeout=timeout + 30,
+    )  # fmt: skip
     rescue_args = {k: parse_size(v) if k == "max-bandwidth" else v for k, v in (rescue or {}).items()}
     watcher = _PrecopyWatcher(scenario, passes, interval, timeout, rescue_args)
     with Lab(scenario) as lab:

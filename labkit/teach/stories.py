@@ -268,7 +268,7 @@ def cont_after_handoff(ram: str | int = "64M", dirty_rate: str | int = "32M", ru
     def note(who: str, sent: str, seen: Any) -> None:
         rows.append({"step": len(rows) + 1, "to": who, "sent / looked at": sent, "came back": seen})
 
-    with Lab(Scenario(mode="cpr-transfer", ram=ram, dirty_rate=dirty_rate)) as lab:
+    with Lab(Scenario(mode="cpr-transfer", ram=parse_size(ram, "m"), dirty_rate=parse_size(dirty_rate))) as lab:
         result = lab.run()
         assert lab.src is not None and lab.dst is not None
         note("both", "cpr-transfer", f"{result.status}; destination memory verified: {result.guest_verified}")
@@ -312,7 +312,7 @@ def source_dies_after_handoff(ram: str | int = "64M", dirty_rate: str | int = "1
     def note(who: str, sent: str, seen: Any) -> None:
         rows.append({"step": len(rows) + 1, "to": who, "sent / looked at": sent, "came back": seen})
 
-    with Lab(Scenario(mode="cpr-transfer", ram=ram, dirty_rate=dirty_rate)) as lab:
+    with Lab(Scenario(mode="cpr-transfer", ram=parse_size(ram, "m"), dirty_rate=parse_size(dirty_rate))) as lab:
         for _ in range(4):
             snap = lab.step()
         assert lab.src is not None and lab.dst is not None

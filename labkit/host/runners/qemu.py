@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import labkit.host.runners.qemu_guest as qg
 from labkit.host.hardware import VMConfig
 from labkit.host.procfs import read_fds, read_maps
-from labkit.host.runners import qemu_guest as qg
 from labkit.host.runners.base import Runner
 from labkit.host.runners.qemu_trace import (
     SOCKET_CHECKPOINTS,

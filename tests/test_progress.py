@@ -13,10 +13,10 @@ import time
 import pytest
 
 from labkit.host.runners.qemu import qemu_missing
+from labkit.lab import guest_progress as pg
 from labkit.lab import post_resume as pr
-from labkit.lab import progress as pg
 from labkit.lab.engine import Lab
-from labkit.lab.progress import ProgressRow
+from labkit.lab.guest_progress import ProgressRow
 
 
 # --------------------------------------------------------------------------------------------- the maths

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from labkit.qemu_syntax import GuestConfig, MiB, format_size, parse_size
 
@@ -48,7 +49,7 @@ class VMConfig:
         if isinstance(self.guest, dict):
             self.guest = GuestConfig(**self.guest)
 
-    def with_incoming(self, *values: str | dict) -> VMConfig:
+    def with_incoming(self, *values: str | dict[str, Any]) -> VMConfig:
         """A copy of this VM as a migration destination: same machine, plus -incoming options."""
         rendered = [v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for v in values]
         return replace(self, incoming=rendered)

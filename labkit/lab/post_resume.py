@@ -26,7 +26,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from labkit.lab.progress import RATE_WINDOW_MS, ProgressRow
+from labkit.lab.guest_progress import RATE_WINDOW_MS, ProgressRow
 
 RECOVERED = 0.9  # "recovered" means back to 90 % of the steady rate
 

@@ -8,8 +8,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from labkit.lab.guest_progress import ProgressRow, ProgressSampler, counter_location, sample_rate_hz, stitch
 from labkit.lab.post_resume import PostResume, post_resume
-from labkit.lab.progress import ProgressRow, ProgressSampler, counter_location, sample_rate_hz, stitch
 from labkit.lab.report import TimelineRow
 
 if TYPE_CHECKING:

@@ -74,7 +74,7 @@ class Run:
         """Start a VM. seabios=True runs real QEMU with its default firmware (the argv a user types, with
         QEMU's own pc.bios); otherwise the qemu backend boots qboot, which starts the guest in ~1 s."""
         os.makedirs(self.path(config.name), mode=0o700)
-        m = Machine(config, self.backend, run_dir=self.path(config.name))
+        m = Machine(config, self.ops, run_dir=self.path(config.name))
         if self.backend == "qemu" and seabios:
             m.argv = qemu_argv(config, m.qmp_path, bios=None)
         self._closers.append(m.kill)

@@ -88,7 +88,7 @@ class Result:
     progress: list[ProgressRow] = field(default_factory=list)
     post_resume: dict[str, Any] = field(default_factory=dict)
 
-    def progress_frame(self):
+    def progress_frame(self) -> pd.DataFrame:
         """The guest's progress as a DataFrame (t_ms, side, bytes written since boot, bytes_per_s)."""
         import pandas as pd
 
@@ -245,7 +245,6 @@ def post_resume_line(pr: dict[str, Any]) -> str:
     )
 
 
-def concat(results):
 def concat(results: Iterable[Result | pd.DataFrame]) -> pd.DataFrame:
     """Many Results (or frames) as one DataFrame, one row each."""
     import pandas as pd

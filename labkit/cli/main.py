@@ -12,7 +12,7 @@ import os
 import re
 import sys
 
-from labkit.qemu_syntax import SizeError, parse_size
+from labkit.qemu_syntax import SizeError, format_ms, parse_size
 
 
 class _Parser(argparse.ArgumentParser):
@@ -156,10 +156,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{'mode':13s} {'status':10s} {'pause: reported':>16s} {'STOP->RESUME':>13s} {'guest-seen':>11s} "
         f"{'total':>9s} {'main bytes':>12s} {'cpr bytes':>10s}  verified"
     )
-
-    def ms(v):
-        return "n/a" if v is None else f"{v:.2f} ms"
-
+    ms = format_ms
     for r in rows:
         p = r.pause_ms
         print(

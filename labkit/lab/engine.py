@@ -26,10 +26,9 @@ from labkit.lab.breakdown import pause_breakdown
 from labkit.lab.cpr_exec import PHASES as CPR_EXEC_PHASES
 from labkit.lab.cpr_exec import CprExecPhases, qemu_cpr_exec_refusal
 from labkit.lab.report import MappingRow, Result, TimelineRow
-from labkit.qemu_syntax import GuestConfig, parse_size
+from labkit.qemu_syntax import MIG_MODES, GuestConfig, parse_size, unix_channel
 
-MODES = ("normal", "cpr-reboot", "cpr-transfer")
-ALL_MODES = (*MODES, "cpr-exec")  # cpr-exec (QEMU 10.2) runs on the emulated backend
+MODES = MIG_MODES[:3]  # the modes QEMU 10.0 has, run on both backends; cpr-exec (10.2's) runs on the emulated one
 
 PHASES: dict[str, list[str]] = {
     "cpr-transfer": [
@@ -120,8 +119,8 @@ class Lab(CprExecPhases):
         timeout: float = 60.0,
         prefill: bool = False,
     ):
-        if mode not in ALL_MODES:
-            raise LabError(f"mode must be one of {', '.join(ALL_MODES)}, not {mode!r}")
+        if mode not in MIG_MODES:
+            raise LabError(f"mode must be one of {', '.join(MIG_MODES)}, not {mode!r}")
         if mode == "cpr-exec" and backend == "qemu":
             raise LabError(qemu_cpr_exec_refusal())
         try:  # before anything is spawned: a request this host cannot honour gets one line, not an OOM kill
@@ -317,7 +316,7 @@ class Lab(CprExecPhases):
 
     def _start_destination_cpr(self) -> None:
         main = "defer" if self.defer else f"unix:{self.main_path}"
-        cpr = {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": self.cpr_path}}
+        cpr = unix_channel(self.cpr_path, "cpr")
         self.dst = self._spawn(self._dest_config(main, cpr, holds=("cpr-load", "loaded")), connect=False)
         self._wait_for(
             lambda: os.path.exists(self.cpr_path), "the destination to listen on the cpr channel", self.dst
@@ -380,10 +379,7 @@ class Lab(CprExecPhases):
 
     def _migrate_cpr_transfer(self) -> None:
         self._hold(self.src, "cpr-hup", "main-connected")
-        channels = [
-            {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": self.main_path}},
-            {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": self.cpr_path}},
-        ]
+        channels = [unix_channel(self.main_path), unix_channel(self.cpr_path, "cpr")]
         self._migrate({"channels": channels})
 
     def _connect_destination(self) -> None:

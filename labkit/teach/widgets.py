@@ -22,11 +22,10 @@ import ipywidgets as w
 
 from labkit.lab.engine import Lab, Snapshot
 from labkit.lab.report import MappingRow, Result
-from labkit.qemu_syntax import human_size
+from labkit.qemu_syntax import SIDES, format_ms, human_size
 
 __all__ = ["Stepper", "lab_arguments", "figure_png"]
 
-SIDES = ("source", "destination")
 
 
 def lab_arguments(lab: Lab) -> dict[str, Any]:
@@ -340,10 +339,7 @@ class Stepper:
         r = self.result
         if r is None:
             return []
-
-        def ms(v: float | None) -> str:
-            return "n/a" if v is None else f"{v:.2f} ms"
-
+        ms = format_ms
         p = r.pause_ms
         where = "on the destination" if r.status == "completed" else "on the source (the migration failed)"
         return [

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from labkit.host.hardware import VMConfig
-from labkit.host.procfs import read_fds, read_maps
+from labkit.host.procfs import read_maps
 from labkit.host.runners import qemu_guest as qg
 from labkit.host.runners.qemu_trace import (
     SOCKET_CHECKPOINTS,
@@ -480,8 +480,3 @@ def _copy_to_memfd(ram: GuestRamAccess, chunk: int = 16 << 20) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def memfd_inodes(pid: int) -> dict[str, int]:
-    """{memfd name: inode} of a process's open memfds (QEMU's guest RAM is "memory-backend-memfd")."""
-    return {f.memfd_name: f.inode for f in read_fds(pid) if f.kind == "memfd" and f.memfd_name}

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from labkit.qemu_syntax import MIG_MODES
 from labkit.vm import runstate as rs
 from labkit.vm.devices import DeviceError
 from labkit.vm.memory import PAGE_SIZE, populate
@@ -74,7 +75,6 @@ if TYPE_CHECKING:
     from labkit.vm.monitor import Monitor
     from labkit.vm.vm import VM
 
-MIG_MODES = ("normal", "cpr-reboot", "cpr-transfer", "cpr-exec")
 DEFAULT_DOWNTIME_LIMIT = 300  # ms (DEFAULT_MIGRATE_SET_DOWNTIME)
 MAX_MIGRATE_DOWNTIME = 2000 * 1000  # ms
 MAX_THROTTLE = 128 << 20  # bytes/s, QEMU's default max-bandwidth

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.layout_engine import ConstrainedLayoutEngine
 from matplotlib.patches import Rectangle
 
 from labkit.lab.report import MappingRow
@@ -95,5 +96,7 @@ def plot_address_space(mappings: Iterable[MappingRow], title: str = "guest RAM i
         fontsize=8.5,
         wrap=True,
     )
-    fig.get_layout_engine().set(h_pad=0.1, rect=(0, 0.08, 1, 0.92))
+    engine = fig.get_layout_engine()
+    assert isinstance(engine, ConstrainedLayoutEngine)  # the Figure above is made with layout="constrained"
+    engine.set(h_pad=0.1, rect=(0, 0.08, 1, 0.92))
     return fig

@@ -4,6 +4,9 @@ trace points)."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from matplotlib.artist import Artist
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -125,14 +128,15 @@ def plot_sequence(result: Result) -> Figure:
     never drawn from what they should have been."""
     t0 = _t0(result)
     at = _step_times(result)
-    rows: list[tuple[float, str, object]] = []  # (time, kind, payload)
-    for sent, got, label, channel in _MESSAGES:
+    rows: list[tuple[float, str, Any]] = []  # (time, kind, payload)
+    for sent, got, template, channel in _MESSAGES:
         t_sent = at[sent][0] if sent in at else None
         t_got = at[got][0] if got is not None and got in at else None
-        label = _message_label(result, sent, label, at)
-        if (t_sent is None and t_got is None) or label is None:
+        first = t_sent if t_sent is not None else t_got
+        label = _message_label(result, sent, template, at)
+        if first is None or label is None:
             continue
-        rows.append((t_sent if t_sent is not None else t_got, "message", (t_sent, t_got, label, channel)))
+        rows.append((first, "message", (t_sent, t_got, label, channel)))
     for step, (side, label) in _NOTES.items():
         if step in at:
             rows.append((at[step][0], "note", (side, label)))
@@ -152,7 +156,7 @@ def plot_sequence(result: Result) -> Figure:
     resume_row = next(
         (i for i, r in enumerate(rows) if r[1] == "note" and r[2][1].startswith("RESUME")), None
     )
-    handles = []
+    handles: list[Artist] = []
     if pause is not None and stop_row is not None and resume_row is not None:
         ax.axhspan(stop_row - 0.45, resume_row + 0.45, color="red", alpha=0.12)
         handles.append(Patch(color="red", alpha=0.12, label=f"guest paused: {pause[1] - pause[0]:.2f} ms"))

@@ -152,7 +152,10 @@ def _pause_rows(result: Result) -> list:
 def _plot_pause_zoom(ax, result: Result, rows) -> None:
     """The pause, zoomed: one row per checkpoint (QEMU's names, both backends), in ms from the source's STOP
     event, coloured by process; STOP -> RESUME shaded."""
-    stop, resume = _pause_window(result)
+    window = _pause_window(result)
+    if window is None:  # _pause_rows finds no rows to zoom on without a pause
+        return
+    stop, resume = window
     colour = {"source": "tab:blue", "destination": "tab:green"}
     rows = sorted(rows, key=lambda r: r.t_ms)
     labels = []

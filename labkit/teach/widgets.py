@@ -176,6 +176,7 @@ class Stepper:
             return None
         self._busy(True)
         try:
+            assert self.lab is not None  # done is True without a lab
             snap = self.lab.step()
             self.snapshots.append(snap)
             if self.done:
@@ -287,7 +288,7 @@ class Stepper:
         n = len(lab.phases)
         if not self.snapshots:
             return f"Phase: not started ({n} phases; press Next)"
-        snap = self.snapshot
+        snap = self.snapshots[-1]
         text = f"Phase: {snap.index}/{n} {snap.phase}"
         if self.result is not None:
             text += f" (migration {self.result.status})"

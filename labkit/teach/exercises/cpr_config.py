@@ -20,7 +20,7 @@ _CONFIG_KEYS = ("ram", "memory_backend", "share", "aux_ram_share")
 
 
 def _config_kwargs(answer: Any, memory_backend: str, ram: str) -> dict[str, Any]:
-    if isinstance(answer, VMConfig) or is_dataclass(answer):
+    if isinstance(answer, VMConfig) or (is_dataclass(answer) and not isinstance(answer, type)):
         d = asdict(answer)
     elif isinstance(answer, dict):
         d = dict(answer)

@@ -152,27 +152,25 @@ def _size(answer: Any) -> int:
         raise _BadAnswer(f"{answer!r} is not a size in bytes (write 600, '4K' or '256M'): {e}") from None
 
 
-def _yes_no(answer: Any) -> bool:
+def _either(answer: Any, true_words: tuple[str, ...], false_words: tuple[str, ...], how: str) -> bool:
+    """A two-way answer: a bool as it is, or one of the words a learner would write for either side."""
     if isinstance(answer, bool):
         return answer
     text = str(answer).strip().lower()
-    if text in ("yes", "y", "true", "converges"):
-        return True
-    if text in ("no", "n", "false", "never", "does not converge"):
-        return False
-    raise _BadAnswer(f"{answer!r}: write True (it converges) or False (it does not)")
+    if text in true_words or text in false_words:
+        return text in true_words
+    raise _BadAnswer(f"{answer!r}: {how}")
+
+
+def _yes_no(answer: Any) -> bool:
+    return _either(answer, ("yes", "y", "true", "converges"), ("no", "n", "false", "never", "does not converge"),
+                   "write True (it converges) or False (it does not)")  # fmt: skip
 
 
 def _same_or_different(answer: Any) -> bool:
     """True for 'same'."""
-    if isinstance(answer, bool):
-        return answer
-    text = str(answer).strip().lower()
-    if text in ("same", "stays", "unchanged", "kept"):
-        return True
-    if text in ("different", "changes", "new", "changed"):
-        return False
-    raise _BadAnswer(f"{answer!r}: write 'same' or 'different'")
+    return _either(answer, ("same", "stays", "unchanged", "kept"), ("different", "changes", "new", "changed"),
+                   "write 'same' or 'different'")  # fmt: skip
 
 
 def _per_mode(answer: Any, modes: tuple[str, ...]) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 import-linter (`make lint`) holds the layer order; these tests hold what a layers contract cannot say: no
 import circle anywhere inside labkit/, no module over 600 lines, and the emulated QEMU (labkit.vm) importing
 only the leaves both sides share. The graph is grimp's (import-linter's own), built from the source text, so
-imports inside functions and under TYPE_CHECKING count: a circle hidden in a function is still a circle.
+an import inside a function counts: a circle hidden in a function is still a circle. For circles, an import
+under TYPE_CHECKING does not: a type named in a signature (Machine(config, runner: Runner), a Runner's methods
+taking a Machine) is no import at run time. The emulator may not name the lab side's types either.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ VM_MAY_IMPORT = {"labkit", "labkit.qemu_syntax", "labkit.errors"}
 @pytest.fixture(scope="module")
 def graph() -> grimp.ImportGraph:
     return grimp.build_graph("labkit", cache_dir=None)
+
+
+@pytest.fixture(scope="module")
+def runtime_graph() -> grimp.ImportGraph:
+    """The imports that run: those under `if TYPE_CHECKING:` left out."""
+    return grimp.build_graph("labkit", exclude_type_checking_imports=True, cache_dir=None)
 
 
 def import_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -96,10 +104,10 @@ def test_cycle_finder_finds_circles_and_only_circles() -> None:
     assert import_cycles({"a": {"b", "c"}, "b": {"a"}, "c": {"d"}, "d": {"c"}}) == [["a", "b"], ["c", "d"]]
 
 
-def test_no_import_cycle_inside_labkit(graph: grimp.ImportGraph) -> None:
-    cycles = import_cycles(_edges(graph))
+def test_no_import_cycle_inside_labkit(runtime_graph: grimp.ImportGraph) -> None:
+    cycles = import_cycles(_edges(runtime_graph))
     assert not cycles, "import circles inside labkit/ (each must become one-way):\n" + "\n".join(
-        _describe(graph, c) for c in cycles
+        _describe(runtime_graph, c) for c in cycles
     )
 
 

@@ -45,8 +45,12 @@ else
 	@$(MAKE) --no-print-directory $(VENV)/.labkit-installed-test
 endif
 
+# ruff; the layers (import-linter's contracts in pyproject.toml: cli -> teach -> measure -> lab -> host ->
+# qemu_syntax, the emulator apart); mypy (its configuration in pyproject.toml: strict on vm/ and host/)
 lint: install-test
 	$(PY) -m ruff check labkit tests scripts
+	$(BIN)lint-imports --no-cache
+	$(PY) -m mypy
 
 # the whole suite: unit, integration (real processes), notebooks, real QEMU where installed
 test: install-test lint

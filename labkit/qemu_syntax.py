@@ -1,5 +1,8 @@
 """QEMU's size and option syntax, shared by the lab and the emulated VM (a leaf: imports nothing of labkit).
 
+Also the few words every layer shows the same way: a migration's two sides, sizes and milliseconds for people,
+and a `migrate` channel on a UNIX socket, so that no layer keeps its own copy of them.
+
 One VMConfig renders to the argv of the emulated VM (`labkit-vm`) or of real `qemu-system-x86_64`, with the
 options spelled as QEMU spells them, so that what a learner types for one works for the other.
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -53,12 +57,30 @@ def format_size(n: int) -> str:
     return str(n)
 
 
-def human_size(n: float) -> str:
-    """A readable size for people: 1.5 GiB, 12.0 MiB."""
+def human_size(n: float, spec: str = ".1f") -> str:
+    """A readable size for people: 1.5 GiB, 12.0 MiB (`spec` formats the number: ".3g" gives 1 GiB)."""
     for unit, mult in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if abs(n) >= mult:
-            return f"{n / mult:.1f} {unit}"
+            return f"{n / mult:{spec}} {unit}"
     return f"{int(n)} B"
+
+
+def format_ms(ms: float | None, digits: int = 2) -> str:
+    """A duration for people, "12.35 ms", or "n/a" where nothing was measured (a failed run has no pause)."""
+    return "n/a" if ms is None else f"{ms:.{digits}f} ms"
+
+
+#: QAPI's MigMode, in QEMU's order: the one list of migration modes (cpr-exec is QEMU 10.2's)
+MigMode = Literal["normal", "cpr-reboot", "cpr-transfer", "cpr-exec"]
+MIG_MODES: tuple[MigMode, ...] = get_args(MigMode)
+
+# a migration's two QEMU processes, in QEMU's words: the outgoing and the incoming side
+SIDES = ("source", "destination")
+
+
+def unix_channel(path: str, channel_type: str = "main") -> dict[str, Any]:
+    """A MigrationChannel (QAPI) over a UNIX socket, as `migrate` and `migrate-incoming` take it."""
+    return {"channel-type": channel_type, "addr": {"transport": "socket", "type": "unix", "path": path}}
 
 
 @dataclass

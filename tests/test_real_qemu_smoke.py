@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 from helpers import CPR_TRANSFER_SOURCE_EVENTS
 
+from labkit.host.hardware import VMConfig
 from labkit.host.runners import qemu_guest as qg
+from labkit.host.runners.qemu import qemu_argv
 
 qmp_legacy = pytest.importorskip("qemu.qmp.legacy")
 
@@ -118,7 +120,8 @@ class Lab:
     def start(self, name: str, incoming: tuple[str, ...] = ()) -> Qemu:
         qmp = os.path.join(self.dir, f"{name}.qmp")
         log = os.path.join(self.dir, f"{name}.log")
-        argv = qg.qemu_argv(self.guest, RAM, qmp=qmp, accel=self.accel, incoming=incoming)
+        # dirty-rate 0: the guest writes its RAM as fast as it can
+        argv = qemu_argv(VMConfig(ram=RAM, incoming=list(incoming)), qmp, accel=self.accel, guest=self.guest)
         with open(log, "wb") as f:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
         vm = Qemu(name, proc, qmp, log)

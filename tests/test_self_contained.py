@@ -114,7 +114,7 @@ def test_the_scan_sees_notebooks_docs_and_docstrings():
         ("notes in /home/dev/notes/cpr.txt", ["/home/dev/notes/cpr.txt"]),
         ("copied from cpr-notes.txt and NOTES.md", ["cpr-notes.txt", "NOTES.md"]),
         ("QEMU's qapi/migration.json; writes PREFIX-summary.csv and results.csv", []),
-        ("see docs/cpr-errors.md and labkit/teach/exercises.py", []),
+        ("see docs/cpr-errors.md and labkit/teach/exercises/checking.py", []),
         ("maps show /proc/PID/maps and /dev/kvm, block /rom@etc/acpi/rsdp", []),
         ("QEMU's migration/cpr.c and data/reference-*.csv", []),
         ("https://www.qemu.org/docs/master/devel/migration/CPR.rst", []),

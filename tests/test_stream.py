@@ -299,15 +299,14 @@ def test_zero_runs_overwrite_stale_pages_only_when_asked():
 
 
 def test_zero_page_is_a_header_and_a_fill_byte():
-    def opened(f):
-        _setup(f, 1024)
-        s.ram_save_iterate_start(f)
+    def zero_pages(n: int) -> bytes:
+        return _stream_bytes(lambda f: s.ram_save_pages(_setup(f, 1024), "pc.ram", 0, memoryview(bytes(n * PAGE_SIZE))))
 
-    setup = len(_stream_bytes(opened))
-    data_zero = _stream_bytes(
-        lambda f: s.ram_save_pages(_setup(f, 1024), "pc.ram", 0, memoryview(bytes(1024 * PAGE_SIZE)))
-    )
+    # ram_save_pages opens the pass's PART section itself: a type byte and the be32 section id
+    setup = len(_stream_bytes(lambda f: _setup(f, 1024))) + 1 + 4
+    data_zero = zero_pages(1024)
     # the first record names the block, the other 1023 are CONTINUE: be64 offset|flags, then the fill byte 0
+    assert len(zero_pages(1)) - setup == 8 + 1 + len("pc.ram") + 1
     assert len(data_zero) - setup == (8 + 1 + len("pc.ram") + 1) + 1023 * 9
     first = data_zero[setup : setup + 16]
     assert first == be64(s.RAM_SAVE_FLAG_ZERO) + counted("pc.ram") + b"\0"

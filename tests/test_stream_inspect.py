@@ -24,7 +24,7 @@ from helpers import unix, wait_for
 from labkit.host.hardware import VMConfig
 from labkit.host.runners import qemu_guest as qg
 from labkit.host.runners import spawn
-from labkit.host.runners.qemu import default_bios, parse_ramblocks, qemu_missing
+from labkit.host.runners.qemu import default_bios, parse_ramblocks, qemu_argv, qemu_missing
 from labkit.measure.stream_inspect import inspect_stream, main, read_vmdesc_tail
 from labkit.qemu_syntax import GuestConfig, MiB
 from labkit.vm.migration import stream as s
@@ -54,14 +54,12 @@ class _RealQemu:
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
         qmp = str(run_dir / "q.qmp")
-        argv = qg.qemu_argv(
-            qg.build_guest(),
-            RAM,
-            qmp=qmp,
-            bios=default_bios(),
-            append=f"dirty-rate={1 * MiB}",
-            serial=f"file:{run_dir / 'serial.log'}" if serial else None,
+        config = VMConfig(
+            ram=RAM,
+            guest=GuestConfig(dirty_rate=1 * MiB),
+            serial_path=str(run_dir / "serial.log") if serial else None,
         )
+        argv = qemu_argv(config, qmp, bios=default_bios(), guest=qg.build_guest())
         self.log = open(run_dir / "qemu.log", "wb")
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT

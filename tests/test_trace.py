@@ -237,7 +237,7 @@ def test_qemu_timeline_shows_qemus_own_checkpoints(mode):
 
 
 def test_bench_reports_the_breakdown_per_backend_and_mode():
-    from labkit.measure.bench import format_breakdown, summarise_breakdown
+    from labkit.measure.bench import format_breakdown, summarize_breakdown
 
     def row(backend, mode, status="completed"):
         rows = pause_breakdown(timeline_from_logs(mode))
@@ -254,7 +254,7 @@ def test_bench_reports_the_breakdown_per_backend_and_mode():
         row("qemu", "normal"),
         row("qemu", "normal", "failed"),
     ]
-    out = summarise_breakdown(runs)
+    out = summarize_breakdown(runs)
     assert [(b["backend"], b["mode"], b["runs"]) for b in out] == [
         ("qemu", "cpr-transfer", 2),
         ("qemu", "normal", 1),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 def default_notebooks() -> Path:
     """The repository's notebooks/ when run from a clone or an editable install, else the current folder."""
-    repo = Path(__file__).resolve().parents[1] / "notebooks"
+    repo = Path(__file__).resolve().parents[2] / "notebooks"  # labkit/cli/jupyter.py -> the clone
     return repo if repo.is_dir() else Path.cwd()
 
 

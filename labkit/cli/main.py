@@ -13,7 +13,7 @@ import re
 import sys
 from typing import TYPE_CHECKING
 
-from labkit.qemu_syntax import SizeError, parse_size
+from labkit.qemu_syntax import SizeError, format_ms, parse_size
 
 if TYPE_CHECKING:
     from labkit.lab.scenario import Scenario
@@ -161,10 +161,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{'mode':13s} {'status':10s} {'pause: reported':>16s} {'STOP->RESUME':>13s} {'guest-seen':>11s} "
         f"{'total':>9s} {'main bytes':>12s} {'cpr bytes':>10s}  verified"
     )
-
-    def ms(v):
-        return "n/a" if v is None else f"{v:.2f} ms"
-
+    ms = format_ms
     for r in rows:
         p = r.pause_ms
         print(
@@ -246,7 +243,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_cpr_inspect(args: argparse.Namespace) -> int:
-    from labkit.vm.migration.cpr import main as cpr_main
+    from labkit.vm.migration.cpr_inspect import main as cpr_main
 
     return cpr_main([args.path] + (["--timeout", str(args.timeout)] if args.timeout else []))
 

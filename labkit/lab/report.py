@@ -191,13 +191,10 @@ class Result:
 
     def summary(self, include_error: bool = True) -> str:
         """A few readable lines for the terminal (the CLI prints the error once, on stderr, instead)."""
+        from labkit.qemu_syntax import format_ms as ms
         from labkit.qemu_syntax import human_size
 
         p = self.pause_ms
-
-        def ms(v: float | None) -> str:
-            return "n/a" if v is None else f"{v:.2f} ms"
-
         lines = [
             f"{self.mode} migration ({self.backend}, {human_size(self.ram_bytes)} guest RAM): {self.status}",
         ]

@@ -14,16 +14,16 @@ from typing import Any, Literal, get_args
 
 from labkit.errors import LabkitError
 from labkit.host.limits import LimitError, check_request
-from labkit.qemu_syntax import GuestConfig, SizeError, parse_size
+from labkit.qemu_syntax import MIG_MODES, GuestConfig, MigMode, SizeError, parse_size
 
-Mode = Literal["normal", "cpr-reboot", "cpr-transfer", "cpr-exec"]
+Mode = MigMode
 Backend = Literal["emulated", "qemu"]
 MemoryBackend = Literal["memfd", "ram", "file", "epc", "none"]
 Pattern = Literal["sequential", "random", "hotset"]
 Holds = Literal["when-stepped", "never"]
 
 MODES: tuple[Mode, ...] = ("normal", "cpr-reboot", "cpr-transfer")
-ALL_MODES: tuple[Mode, ...] = get_args(Mode)  # cpr-exec (QEMU 10.2) runs on the emulated backend
+ALL_MODES: tuple[Mode, ...] = MIG_MODES  # cpr-exec (QEMU 10.2) runs on the emulated backend
 
 # the size fields, with the label an error names and the suffix a bare number takes (QEMU's -m: megabytes)
 _SIZES = {

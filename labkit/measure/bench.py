@@ -277,7 +277,7 @@ def run_matrix(plan: BenchPlan, progress=None) -> list[dict[str, Any]]:
     return rows
 
 
-def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Median, min and max of each figure per cell (backend, mode, RAM, dirty rate)."""
     keys = [
         "pause_ms_reported",
@@ -311,7 +311,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def summarise_breakdown(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarize_breakdown(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per backend and mode, over every completed run (all RAM sizes and dirty rates): the median time
     between consecutive checkpoints on the guest's critical path, and each checkpoint's median time from
     STOP (labkit.lab.breakdown; QEMU's checkpoint names on both backends)."""
@@ -430,7 +430,7 @@ def run_bench(plan: BenchPlan, show_progress: bool = True) -> dict[str, Any]:
     vm = vm_bench(plan.vm_reps)
     with tqdm(total=total, desc="migrations", disable=not show_progress, leave=False) as bar:
         rows = run_matrix(plan, bar)
-    summary = summarise(rows)
+    summary = summarize(rows)
     return {
         "machine": machine_facts(),
         "plan": {
@@ -445,7 +445,7 @@ def run_bench(plan: BenchPlan, show_progress: bool = True) -> dict[str, Any]:
         "ceilings": ceilings,
         "vm": vm,
         "cells": summary,
-        "pause_breakdown": summarise_breakdown(rows),
+        "pause_breakdown": summarize_breakdown(rows),
         "runs": rows,
         "ratios": compute_ratios(summary, ceilings),
         "seconds": round(time.monotonic() - t0, 1),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import textwrap
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from labkit.lab.engine import PHASES, migrate
 from labkit.lab.report import Result
@@ -180,20 +180,20 @@ def breakdown_frame(results: list[Result]) -> pd.DataFrame:
 
 def reference_prefix() -> str:
     """The stored sweep (data/pause-breakdown-*.csv), for when there is no time to run one."""
-    top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # labkit/measure/ -> repo
-    return os.path.join(top, "data", "pause-breakdown")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # labkit/measure/ -> ../..
+    return os.path.join(repo, "data", "pause-breakdown")
 
 
 def grows_with_ram(summary: pd.DataFrame, ms_per_gib: float = 250.0) -> dict[str, bool]:
     """Per mode: does the pause grow by more than `ms_per_gib` per GiB of guest RAM, from the smallest size
     measured to the largest? (A slope, not a ratio: a 3 ms pause that becomes 30 ms has not grown with RAM in
     any way that matters, and a shared machine's noise is tens of milliseconds.)"""
-    out = {}
+    out: dict[str, bool] = {}
     for mode, rows in summary[summary.status == "completed"].groupby("mode", sort=False):
         rows = rows.sort_values("ram_bytes")
         gib = (rows.ram_bytes.iloc[-1] - rows.ram_bytes.iloc[0]) / (1 << 30)
         rise = rows.pause_ms.iloc[-1] - rows.pause_ms.iloc[0]
-        out[mode] = bool(gib > 0 and rise / gib > ms_per_gib)
+        out[str(mode)] = bool(gib > 0 and rise / gib > ms_per_gib)
     return out
 
 
@@ -236,6 +236,8 @@ def plot_pause_breakdown(segments: pd.DataFrame, summary: pd.DataFrame, note: st
     fig = Figure(figsize=(10, 0.55 * max(len(done), 1) + 2.4), layout="constrained")
     ax = fig.add_subplot()
     labels = []
+    row: Any  # a frame's row as a namedtuple: its columns' types are the frame's, not known to the checker
+    seg: Any
     for y, row in enumerate(done.itertuples()):
         labels.append(f"{row.mode}, {row.ram}")
         mine = segments[(segments["mode"] == row.mode) & (segments.ram_bytes == row.ram_bytes)]

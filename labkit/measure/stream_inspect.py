@@ -13,6 +13,7 @@ import json
 import os
 import struct
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from labkit.vm.migration.stream import (
     QEMU_VM_VMDESCRIPTION,
@@ -117,7 +118,7 @@ def inspect_stream(path: str) -> StreamReport:
 
 
 def _section(r: SectionRecord) -> dict:
-    out = {
+    out: dict[str, Any] = {
         "kind": r.kind,
         "section_id": r.section_id,
         "idstr": r.idstr,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -309,11 +309,6 @@ def plot_reference(frame, y: str = "pause_ms_events") -> list[tuple[Any, str]]:
         if len(out) == drawn:
             out.append((None, f"{label}only one RAM size and one dirty rate: nothing to draw a line through"))
     return out
-
-
-def describe_runs(frame, columns: Iterable[str] = ("mode", "ram_bytes", "dirty_rate", "status")):
-    """The columns a reader needs to trust a sweep: what ran and whether it completed."""
-    return frame[[c for c in columns if c in frame]]
 
 
 # -- figures and tables the notebooks read -----------------------------------------------------------------

@@ -146,5 +146,6 @@ def check_order(
         return Verdict(question, prediction, measured, WRONG, why)
     if sorted(said) != sorted(measured):
         return Verdict(question, prediction, measured, WRONG, why)
-    ok = all(values[a] <= values[b] + tie for i, a in enumerate(said) for b in said[i + 1 :])
+    known = {k: v for k, v in values.items() if v is not None}  # every name said is measured (checked above)
+    ok = all(known[a] <= known[b] + tie for i, a in enumerate(said) for b in said[i + 1 :])
     return Verdict(question, prediction, measured, RIGHT if ok else WRONG, why)

@@ -20,12 +20,7 @@ from labkit.host.runners import spawn
 from labkit.lab.engine import Lab
 from labkit.lab.report import Result
 from labkit.lab.scenario import Scenario
-from labkit.qemu_syntax import GuestConfig, parse_size
-
-
-def unix_channel(path: str, channel_type: str = "main") -> dict[str, Any]:
-    """A MigrationChannel over a UNIX socket, as `migrate` and `-incoming` take it."""
-    return {"channel-type": channel_type, "addr": {"transport": "socket", "type": "unix", "path": path}}
+from labkit.qemu_syntax import GuestConfig, parse_size, unix_channel
 
 
 def file_channel(filename: str, channel_type: str = "main") -> dict[str, Any]:

@@ -20,7 +20,7 @@ from labkit.host.machine import Machine
 from labkit.host.qmp_sync import QMPCommandError
 from labkit.host.runners import get_runner
 from labkit.lab.progress import MigrationInfo
-from labkit.qemu_syntax import GuestConfig, parse_size
+from labkit.qemu_syntax import GuestConfig, parse_size, unix_channel
 
 
 @dataclass
@@ -129,8 +129,7 @@ def step_through_switchover(
     dst: Machine | None = None
     main = os.path.join(src.run_dir, "main.sock")
     cpr = os.path.join(src.run_dir, "cpr.sock")
-    cpr_channel = {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": cpr}}
-    main_channel = {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": main}}
+    cpr_channel, main_channel = unix_channel(cpr, "cpr"), unix_channel(main)
 
     def hold(step: str) -> None:
         def state(m: Machine | None) -> tuple[str | None, str | None]:

@@ -23,11 +23,10 @@ import ipywidgets as w
 from labkit.lab.engine import Lab, Snapshot
 from labkit.lab.report import MappingRow, Result
 from labkit.lab.scenario import Scenario
-from labkit.qemu_syntax import human_size
+from labkit.qemu_syntax import SIDES, format_ms, human_size
 
 __all__ = ["Stepper", "lab_arguments", "figure_png"]
 
-SIDES = ("source", "destination")
 
 
 def lab_arguments(lab: Lab) -> dict[str, Any]:
@@ -162,6 +161,7 @@ class Stepper:
             return None
         self._busy(True)
         try:
+            assert self.lab is not None  # done is True without a lab
             snap = self.lab.step()
             self.snapshots.append(snap)
             if self.done:
@@ -273,7 +273,7 @@ class Stepper:
         n = len(lab.phases)
         if not self.snapshots:
             return f"Phase: not started ({n} phases; press Next)"
-        snap = self.snapshot
+        snap = self.snapshots[-1]
         text = f"Phase: {snap.index}/{n} {snap.phase}"
         if self.result is not None:
             text += f" (migration {self.result.status})"
@@ -325,10 +325,7 @@ class Stepper:
         r = self.result
         if r is None:
             return []
-
-        def ms(v: float | None) -> str:
-            return "n/a" if v is None else f"{v:.2f} ms"
-
+        ms = format_ms
         p = r.pause_ms
         where = "on the destination" if r.status == "completed" else "on the source (the migration failed)"
         return [

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import labkit.host.runners.qemu_guest as qg
 from labkit.host.hardware import VMConfig
-from labkit.host.procfs import read_fds, read_maps
+from labkit.host.procfs import read_maps
 from labkit.host.runners.base import Runner
 from labkit.host.runners.qemu_trace import (
     SOCKET_CHECKPOINTS,
@@ -502,11 +502,6 @@ def _copy_to_memfd(ram: GuestRamAccess, chunk: int = 16 << 20) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def memfd_inodes(pid: int) -> dict[str, int]:
-    """{memfd name: inode} of a process's open memfds (QEMU's guest RAM is "memory-backend-memfd")."""
-    return {f.memfd_name: f.inode for f in read_fds(pid) if f.kind == "memfd" and f.memfd_name and f.inode}
 
 
 QemuOps = QemuRunner  # the name before runners had one interface

@@ -18,7 +18,6 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,52 +120,6 @@ def kvm_usable() -> bool:
 def default_accel() -> str:
     """`kvm` when usable, else `tcg`; $LABKIT_QEMU_ACCEL overrides."""
     return os.environ.get("LABKIT_QEMU_ACCEL") or ("kvm" if kvm_usable() else "tcg")
-
-
-def qemu_argv(
-    guest: Path | str,
-    ram: str = "256M",
-    *,
-    qmp: str,
-    accel: str | None = None,
-    incoming: Sequence[str] = (),
-    append: str | None = None,
-    serial: str | None = None,
-    bios: str | None = None,
-    binary: str | None = None,
-) -> list[str]:
-    """The command line seen working for cpr-transfer on QEMU 10.0.2 (docs/real-qemu-figures.md): q35 with
-    aux-ram-share=on and RAM in a shared memfd backend named ram0, no default devices, no display.
-    `bios="/usr/share/qemu/qboot.rom"` boots in ~0.5 s instead of SeaBIOS's 5-8 s on a nested KVM host."""
-    argv = [
-        binary or qemu_binary() or "qemu-system-x86_64",
-        "-accel",
-        accel or default_accel(),
-        "-machine",
-        "q35,aux-ram-share=on",
-        "-m",
-        ram,
-        "-nodefaults",
-        "-display",
-        "none",
-        "-object",
-        f"memory-backend-memfd,id=ram0,size={ram},share=on",
-        "-machine",
-        "memory-backend=ram0",
-        "-kernel",
-        str(guest),
-        "-qmp",
-        f"unix:{qmp},server=on,wait=off",
-    ]
-    if bios:
-        argv += ["-bios", bios]
-    if append:
-        argv += ["-append", append]
-    if serial:
-        argv += ["-serial", serial]
-    for inc in incoming:
-        argv += ["-incoming", inc]
-    return argv
 
 
 # --------------------------------------------------------------------------------------------- build

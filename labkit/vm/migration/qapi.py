@@ -3,7 +3,11 @@ passes as strings, named once so that a misspelt one is a type error rather than
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal
+
+from labkit.qemu_syntax import MIG_MODES, MigMode
+
+__all__ = ["ACTIVE", "CAPABILITIES", "MIG_MODES", "MigMode", "MigrationStatus"]
 
 #: QEMU 10.0's MigrationStatus (15 values), what query-migrate's status and the MIGRATION event carry.
 MigrationStatus = Literal[
@@ -23,9 +27,6 @@ MigrationStatus = Literal[
     "device",
     "wait-unplug",
 ]
-#: MigMode: QEMU 10.0's three, and 10.2's cpr-exec.
-MigMode = Literal["normal", "cpr-reboot", "cpr-transfer", "cpr-exec"]
-MIG_MODES: tuple[MigMode, ...] = get_args(MigMode)
 #: migration_is_running(): the statuses in which a new migration or a capability change is refused.
 ACTIVE: tuple[MigrationStatus, ...] = ("setup", "active", "device", "pre-switchover", "cancelling")
 #: The MigrationCapability values labkit accepts (it models events, pause-before-switchover, x-ignore-shared).

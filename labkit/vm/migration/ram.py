@@ -251,11 +251,6 @@ def _ram_section_close(f: QEMUFileOut) -> None:
     f.savevm.ram_section = None
 
 
-def ram_save_iterate_start(f: QEMUFileOut) -> None:
-    """Open a QEMU_VM_SECTION_PART for one pass (ram_save_pages() opens one itself if none is open)."""
-    _ram_section_open(f, QEMU_VM_SECTION_PART)
-
-
 def ram_save_iterate_end(f: QEMUFileOut) -> None:
     """EOS and footer close the pass's PART section (an empty PART is sent if nothing was, as QEMU does)."""
     if f.savevm.ram_section is None:

@@ -76,7 +76,6 @@ from labkit.vm.migration.ram import (
     ram_save_complete_end,
     ram_save_complete_start,
     ram_save_iterate_end,
-    ram_save_iterate_start,
     ram_save_pages,
     ram_save_setup,
 )
@@ -160,7 +159,6 @@ __all__ = [
     "ram_save_complete_end",
     "ram_save_complete_start",
     "ram_save_iterate_end",
-    "ram_save_iterate_start",
     "ram_save_pages",
     "ram_save_setup",
     "unknown_section",

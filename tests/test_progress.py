@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from labkit.host.runners.base import CounterLocation
+from labkit.host.runners.emulated import EMULATED_COUNTER_OFFSET
 from labkit.host.runners.qemu import qemu_missing
 from labkit.lab import guest_progress as pg
 from labkit.lab import post_resume as pr
@@ -98,7 +100,7 @@ def test_post_resume_says_why_when_it_cannot_measure() -> None:
 def test_the_emulated_counter_offset_is_the_guests_h_bytes() -> None:
     from labkit.vm.guest import H_BYTES
 
-    assert pg.EMULATED_COUNTER_OFFSET == H_BYTES * 8
+    assert EMULATED_COUNTER_OFFSET == H_BYTES * 8
 
 
 # ----------------------------------------------------------------------------------- the sampler, for real
@@ -108,7 +110,7 @@ def test_sampler_reads_a_counter_through_proc_pid_fd() -> None:
     try:
         os.ftruncate(fd, 3 * pg.PAGE)
         offset = pg.PAGE + 40  # not in the first page: the sampler maps only the page that holds it
-        loc = pg.CounterLocation("labkit-progress-test", offset)
+        loc = CounterLocation("labkit-progress-test", offset)
         assert pg.find_memfd(os.getpid(), loc) is not None
         sampler = pg.ProgressSampler()
         sampler.attach("source", os.getpid(), loc)

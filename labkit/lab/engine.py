@@ -83,7 +83,7 @@ class Lab:
         self.file_path = os.path.join(self.dir, "vm-state")
         self.t0 = time.monotonic_ns()
         # the guest's progress counter, sampled through its memfd (named recorder: progress() is query-migrate)
-        self.recorder = ProgressRecorder(self.backend, self.t0, self.scenario.progress, self.scenario.progress_after_ms)
+        self.recorder = ProgressRecorder(self.t0, self.scenario.progress, self.scenario.progress_after_ms)
         self.marks: list[TimelineRow] = []
         self.error: str | None = None
         self.src_record = SourceRecord()  # what is known of a source that quit (cpr-reboot) or exec'd

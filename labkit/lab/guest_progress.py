@@ -24,41 +24,14 @@ import time
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from labkit.host.hardware import VMConfig
+from labkit.host.runners.base import CounterLocation
 
 PAGE = mmap.PAGESIZE
 SAMPLE_PERIOD_S = 0.0005  # aim at 2 kHz, so that scheduling jitter still leaves >= 1 kHz
 STAT_PERIOD_S = 0.005  # /proc/PID/stat costs ~20 us a read: every 5 ms is enough to place the faults
 MAX_SAMPLES = 4_000_000  # per side: about half an hour at 2 kHz (a Stepper held open), 64 MiB at most
 RATE_WINDOW_MS = 5.0  # the write rate at t is the counter's slope over the 5 ms before t
-
-# Where the emulated guest keeps its counter: uint64 H_BYTES (index 5) of page 0 of the system RAM block,
-# whose memfd is named after the backend's id (labkit.vm.guest; tests/test_progress.py checks the two agree).
-EMULATED_COUNTER_OFFSET = 5 * 8
-
-
-@dataclass(frozen=True)
-class CounterLocation:
-    """Where a VM's bytes-written counter lives: a memfd of the process, by name and size, and an offset."""
-
-    memfd_name: str
-    offset: int  # byte offset of the little-endian uint64 within the memfd
-    size: int | None = None  # the memfd's size, when several share the name
-
-
-def counter_location(backend: str, config: VMConfig) -> CounterLocation:
-    """The counter of the guest that `config` describes, on `backend`."""
-    if backend == "qemu":
-        from labkit.host.runners import qemu_guest as qg
-
-        return CounterLocation(
-            "memory-backend-memfd", qg.HEARTBEAT_ADDR + qg.HEARTBEAT_PROGRESS_OFF, config.ram
-        )
-    return CounterLocation(config.backend_id, EMULATED_COUNTER_OFFSET)
-
 
 def find_memfd(pid: int, loc: CounterLocation) -> str | None:
     """/proc/PID/fd/N of the memfd `loc` names, or None while the process has none (yet)."""

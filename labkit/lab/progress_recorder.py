@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from labkit.lab.guest_progress import ProgressRow, ProgressSampler, counter_location, sample_rate_hz, stitch
+from labkit.lab.guest_progress import ProgressRow, ProgressSampler, sample_rate_hz, stitch
 from labkit.lab.post_resume import PostResume, post_resume
 from labkit.lab.report import TimelineRow
 
@@ -22,8 +22,7 @@ class ProgressRecorder:
     """Samples the guest's counter through each VM's memfd from the source's start to `after_ms` past the
     migration's end (or is inert when disabled)."""
 
-    def __init__(self, backend: str, t0_ns: int, enabled: bool = True, after_ms: float = DEFAULT_AFTER_MS):
-        self.backend = backend
+    def __init__(self, t0_ns: int, enabled: bool = True, after_ms: float = DEFAULT_AFTER_MS):
         self.t0_ns = t0_ns
         self.enabled = enabled
         self.after_ms = after_ms
@@ -37,7 +36,7 @@ class ProgressRecorder:
         if self.sampler is None:
             self.sampler = ProgressSampler()
             self.sampler.start()
-        self.sampler.attach(side, machine.pid, counter_location(self.backend, machine.config))
+        self.sampler.attach(side, machine.pid, machine.runner.progress_counter(machine.config))
         guest = machine.config.guest
         self.first_pass_bytes = int(0.95 * min(machine.config.ram, guest.working_set or machine.config.ram))
 

@@ -9,6 +9,7 @@ an x-labkit-* command itself.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from labkit.errors import LabkitError
@@ -16,6 +17,15 @@ from labkit.errors import LabkitError
 if TYPE_CHECKING:
     from labkit.host.hardware import VMConfig
     from labkit.host.machine import Machine
+
+
+@dataclass(frozen=True)
+class CounterLocation:
+    """Where a VM's bytes-written counter lives: a memfd of the process, by name and size, and an offset."""
+
+    memfd_name: str
+    offset: int  # byte offset of the little-endian uint64 within the memfd
+    size: int | None = None  # the memfd's size, when several share the name
 
 
 class RunnerError(LabkitError, ValueError):
@@ -30,6 +40,8 @@ class Runner:
     keeps_event_history: bool = False  # the VM keeps every QMP event on the host's clock, monitor or not
     has_migration_details: bool = False  # bytes per channel and per pass beyond query-migrate
     faults_in_before_accept: bool = False  # an incoming VM touches all its RAM before it accepts the stream
+    guest_fills_ram: bool = False  # the guest writes all of its RAM by itself soon after boot (no prefill needed)
+    description: str = ""  # how a sentence names it: "the emulated backend", "real QEMU 10"
 
     def argv(self, config: VMConfig, qmp_path: str) -> list[str]:
         """The full command line of a VM."""
@@ -38,6 +50,10 @@ class Runner:
     def refusal(self, mode: str) -> str | None:
         """Why this runner cannot run a migration mode (one line for the user), or None when it can."""
         return None
+
+    def progress_counter(self, config: VMConfig) -> CounterLocation:
+        """Where the guest keeps its bytes-written counter, for the host to read through the memfd."""
+        raise NotImplementedError
 
     def version(self) -> str | None:
         """The version of the program that runs the VMs, where it is not labkit itself."""

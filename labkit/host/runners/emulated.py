@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from labkit.host.hardware import VMConfig
-from labkit.host.runners.base import Runner
+from labkit.host.runners.base import CounterLocation, Runner
 
 if TYPE_CHECKING:
     from labkit.host.machine import Machine
@@ -19,10 +19,16 @@ def emulated_argv(config: VMConfig, qmp_path: str) -> list[str]:
     return [sys.executable, "-m", "labkit.vm", *config.emulated_argv(qmp_path)]
 
 
+# Where the emulated guest keeps its counter: uint64 H_BYTES (index 5) of page 0 of the system RAM block,
+# whose memfd is named after the backend's id (labkit.vm.guest; tests/test_progress.py checks the two agree).
+EMULATED_COUNTER_OFFSET = 5 * 8
+
+
 class EmulatedRunner(Runner):
     """The emulated VM answers everything itself, through its x-labkit-* QMP commands."""
 
     name = "emulated"
+    description = "the emulated backend"
     can_hold = True
     keeps_event_history = True
     has_migration_details = True
@@ -30,6 +36,9 @@ class EmulatedRunner(Runner):
 
     def argv(self, config: VMConfig, qmp_path: str) -> list[str]:
         return emulated_argv(config, qmp_path)
+
+    def progress_counter(self, config: VMConfig) -> CounterLocation:
+        return CounterLocation(config.backend_id, EMULATED_COUNTER_OFFSET)
 
     def hold(self, m: Machine, *points: str) -> None:
         m.cmd("x-labkit-hold", {"points": list(points)})

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import labkit.host.runners.qemu_guest as qg
 from labkit.host.hardware import VMConfig
 from labkit.host.procfs import read_maps
-from labkit.host.runners.base import Runner
+from labkit.host.runners.base import CounterLocation, Runner
 from labkit.host.runners.qemu_trace import (
     SOCKET_CHECKPOINTS,
     TRACE_LOG,
@@ -215,6 +215,8 @@ class QemuRunner(Runner):
     no x-labkit-* command."""
 
     name = "qemu"
+    description = "real QEMU 10"
+    guest_fills_ram = True  # the tiny guest's first pass writes every page
 
     def __init__(
         self,
@@ -231,6 +233,10 @@ class QemuRunner(Runner):
 
     def refusal(self, mode: str) -> str | None:
         return qemu_cpr_exec_refusal() if mode == "cpr-exec" else None
+
+    def progress_counter(self, config: VMConfig) -> CounterLocation:
+        # the tiny guest's progress_bytes, in its heartbeat page (guest/layout.h)
+        return CounterLocation("memory-backend-memfd", qg.HEARTBEAT_ADDR + qg.HEARTBEAT_PROGRESS_OFF, config.ram)
 
     def version(self) -> str | None:
         found = qg.qemu_version()

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, is_dataclass
 from typing import Any
 
+from labkit.host.runners import get_runner
 from labkit.lab.engine import MODES
 from labkit.qemu_syntax import parse_size
 from labkit.teach.exercises.variants import variant
@@ -194,7 +195,7 @@ def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
 
 
 def _on(backend: str) -> str:
-    return "real QEMU 10" if backend == "qemu" else "the emulated backend"
+    return get_runner(backend).description
 
 
 def _blocked_names(reasons: list[str]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from labkit.host.runners import get_runner
 from labkit.lab.engine import migrate
 from labkit.qemu_syntax import format_ms
 from labkit.teach.exercises.checking import (
@@ -62,10 +63,9 @@ def check_cpr_exec_pause(
         raise _BadAnswer("write a dict with the keys 'pid' and 'bigger'")
     pid_same = _same_or_different(answer["pid"])
     bigger = _startup_or_rest(answer["bigger"])
-    if backend != "emulated":
-        from labkit.lab.cpr_exec import qemu_cpr_exec_refusal
-
-        return Check("cpr-exec-pause", False, True, f"Not on real QEMU here: {qemu_cpr_exec_refusal()}")
+    refusal = get_runner(backend).refusal("cpr-exec")
+    if refusal is not None:
+        return Check("cpr-exec-pause", False, True, f"Not on {get_runner(backend).description} here: {refusal}")
     m = measure_cpr_exec(ram, seed, dirty_rate)
     if m["status"] != "completed" or m["start_up_ms"] is None:
         return Check("cpr-exec-pause", False, True, f"The migration did not complete here: {m}", measured=m)

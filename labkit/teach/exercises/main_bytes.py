@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from labkit.host.runners import get_runner
 from labkit.lab.engine import migrate
 from labkit.qemu_syntax import human_size, parse_size
 from labkit.teach.exercises.checking import (
@@ -29,7 +30,7 @@ def measure_bytes(
             # the emulated guest has written all its RAM once, as a guest that has used its memory (and as
             # the real guest soon has): untouched pages would travel as zero-page markers of a few bytes
             r = migrate(mode=mode, ram=ram, dirty_rate=dirty_rate, seed=seed, backend=backend,
-                        prefill=backend == "emulated")  # fmt: skip
+                        prefill=not get_runner(backend).guest_fills_ram)  # fmt: skip
             out[mode] = {"status": r.status, "main": r.bytes["main"], "cpr": r.bytes["cpr"]}
         return out
 

@@ -27,8 +27,6 @@ def measure_pauses(
     def run() -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         for mode in MODES:
-            if backend == "qemu" and mode == "cpr-reboot":
-                continue
             r = migrate(mode=mode, ram=ram, dirty_rate=dirty_rate, max_bandwidth=max_bandwidth, seed=seed,
                         backend=backend)  # fmt: skip
             pause = r.pause_ms.get("events")

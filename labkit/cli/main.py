@@ -68,6 +68,9 @@ def _migration_args(p: argparse.ArgumentParser) -> None:
         help="share= of the memory backend (default: the backend's own, on for memfd, off for ram/file)",
     )
     p.add_argument("--aux-ram-share", default="on", choices=["on", "off"])
+    p.add_argument(
+        "--hugetlb", default=None, metavar="SIZE", help="huge page size for guest RAM (2M): a hugetlb memfd"
+    )
     p.add_argument("--dirty-rate", default="0", type=_size, help="bytes/s the guest writes (e.g. 256M)")
     p.add_argument("--pattern", default="sequential", choices=["sequential", "random", "hotset"])
     p.add_argument("--working-set", default=None, type=_size)
@@ -95,6 +98,7 @@ def _lab_kwargs(args: argparse.Namespace) -> dict:
         defer=args.defer,
         seed=args.seed,
         timeout=args.timeout,
+        hugetlb=args.hugetlb,
     )
 
 

@@ -119,6 +119,7 @@ class Lab(CprExecPhases):
         events: bool = True,
         timeout: float = 60.0,
         prefill: bool = False,
+        hugetlb: str | int | None = None,  # huge page size ("2M"): a hugetlb memfd (memfd backend only)
     ):
         if mode not in ALL_MODES:
             raise LabError(f"mode must be one of {', '.join(ALL_MODES)}, not {mode!r}")
@@ -128,7 +129,7 @@ class Lab(CprExecPhases):
             ram = check_request(
                 backend=backend, mode=mode, ram=ram, memory_backend=memory_backend, share=share,
                 pattern=pattern, dirty_rate=dirty_rate, working_set=working_set,
-                downtime_limit=downtime_limit, max_bandwidth=max_bandwidth, timeout=timeout,
+                downtime_limit=downtime_limit, max_bandwidth=max_bandwidth, timeout=timeout, hugetlb=hugetlb,
             )  # fmt: skip
         except LimitError as e:
             raise LabError(str(e)) from None
@@ -153,6 +154,7 @@ class Lab(CprExecPhases):
             share=share,
             aux_ram_share=aux_ram_share,
             mem_path=mem_path,
+            hugetlb=hugetlb,
             guest=GuestConfig(
                 dirty_rate=parse_size(dirty_rate),
                 pattern=pattern,

@@ -1,4 +1,4 @@
-"""`labkit`: doctor | migrate | demo | bench | cpr-inspect | stream-inspect | vm | lab.
+"""`labkit`: doctor | migrate | demo | bench | cpr-inspect | stream-inspect | vm | lab | hugepages.
 
 Every failure a user can cause ends in one line on stderr and exit status 1, never a traceback
 (LABKIT_DEBUG=1 shows the traceback of an unexpected one).
@@ -262,6 +262,12 @@ def cmd_vm(args: argparse.Namespace) -> int:
     return vm_main(args.vm_args)
 
 
+def cmd_hugepages(args: argparse.Namespace) -> int:
+    from labkit.cli.hugepages import main as hugepages_main
+
+    return hugepages_main(args.reserve, args.page_size, args.json)
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     from labkit.cli.jupyter import run_jupyter_lab
 
@@ -313,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--browser", action="store_true", help="also open a web browser")
     lab.add_argument("jupyter_args", nargs=argparse.REMAINDER, help="passed on to jupyter lab")
     lab.set_defaults(func=cmd_lab)
+    hp = sub.add_parser("hugepages", help="the host's huge page pools; --reserve SIZE sets one (root)")
+    hp.add_argument("--reserve", default=None, metavar="SIZE", help="set the pool to hold SIZE (256M, 8G; 0 frees)")
+    hp.add_argument("--page-size", default="2M", help="which pool (default 2M; --hugetlb takes the same)")
+    hp.add_argument("--json", action="store_true")
+    hp.set_defaults(func=cmd_hugepages)
     return p
 
 

@@ -61,6 +61,11 @@ class HugePagePool:
     def to_dict(self) -> dict[str, int]:
         return {**asdict(self), "available": self.available}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, int]) -> HugePagePool:
+        """The inverse of to_dict (what `labkit doctor --json` carries)."""
+        return cls(**{k: v for k, v in d.items() if k != "available"})
+
 
 def _read_int(path: str) -> int:
     with open(path) as f:

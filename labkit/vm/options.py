@@ -214,7 +214,7 @@ def _object(opts: MachineOptions, value: str) -> None:
     for key in kv:
         if key not in ("prealloc", "merge", "dump", "reserve", "host-nodes", "policy"):
             raise OptionError(f"Property '{qom_type}.{key}' not found")
-    opts.objects[oid] = BackendOptions(qom_type, oid, size, share, mem_path, hugetlb, hugetlbsize)
+    opts.objects[oid] = BackendOptions(qom_type, oid, size, share, mem_path, hugetlb=hugetlb, hugetlbsize=hugetlbsize)
 
 
 def _hugetlb(qom_type: str, kv: dict[str, str]) -> tuple[bool, int | None]:

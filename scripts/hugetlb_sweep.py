@@ -50,6 +50,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--dirty-rate", default="256M", help="the guest's write rate (bytes/s)")
     p.add_argument("--out-dir", default="data")
     p.add_argument("--stamp", default=time.strftime("%Y%m%d", time.gmtime()))
+    p.add_argument("--note", default=None, help="stored in the JSON: which tree ran, under which lock")
     args = p.parse_args(argv)
     plan = HugetlbSweepPlan(reps=args.reps, dirty_rate=args.dirty_rate)
     if args.ram:
@@ -62,6 +63,8 @@ def main(argv: list[str]) -> int:
     started, load_before = time.time(), os.getloadavg()
     rows = run_hugetlb_sweep(plan, progress=lambda line: print(line, flush=True))
     report = sweep_report(plan, rows, command.strip(), started, load_before)
+    if args.note:
+        report["note"] = args.note
     os.makedirs(args.out_dir, exist_ok=True)
     base = os.path.join(args.out_dir, f"hugetlb-sweep-{args.stamp}")
     with open(f"{base}.json", "w") as f:

@@ -284,3 +284,53 @@ def test_emulator_memfd_is_hugetlb_and_sealed(huge_pool):
             assert st.st_blksize == HUGE  # hugetlbfs: the file's pages are 2 MiB
             assert seals == fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL  # QEMU's seal=on
             assert kernel_page_size(m.pid, st.st_ino) == HUGE
+
+
+# ----------------------------------------------------------------------------------------- the sweep
+
+
+def _row(backend, page, ram, rep, events, **extra):
+    return {"backend": backend, "page": page, "ram_bytes": ram, "rep": rep, "status": "completed",
+            "guest_verified": True, "same_inode": True, "dst_kernel_page_size": 4096 if page == "4K" else HUGE,
+            "load_1m": 1.0, "pause_ms_reported": 1, "pause_ms_events": events, "pause_ms_guest": None,
+            **extra}  # fmt: skip
+
+
+def test_sweep_summary_and_flatness_from_rows():
+    from labkit.measure.hugetlb_sweep import flatness, format_summary, summarise_sweep
+
+    rows = [
+        _row("emulated", "4K", 256 * MiB, 0, 2.0, post_resume_pages_faulted=100),
+        _row("emulated", "4K", 256 * MiB, 1, 4.0, post_resume_pages_faulted=300),
+        _row("emulated", "4K", 8 << 30, 0, 3.0),
+        _row("emulated", "4K", 8 << 30, 1, 4.0),
+        _row("emulated", "2M", 256 * MiB, 0, 2.0),
+        _row("emulated", "2M", 8 << 30, 0, 5.0),
+        {"backend": "qemu", "page": "2M", "ram_bytes": 8 << 30, "rep": None, "status": "skipped", "error": "no pool"},
+    ]
+    summary = summarise_sweep(rows)
+    cell = next(c for c in summary if (c["page"], c["ram_bytes"]) == ("4K", 256 * MiB))
+    assert cell["pause_ms_events_median"] == 3.0 and cell["pause_ms_events_min"] == 2.0
+    assert cell["post_resume_pages_faulted_median"] == 200 and cell["pause_ms_guest_median"] is None
+    assert cell["dst_kernel_page_size"] == [4096] and cell["completed"] == 2
+    skipped = next(c for c in summary if c["backend"] == "qemu")
+    assert skipped["completed"] == 0 and skipped["skipped"] == "no pool"
+    verdicts = {(f.page, f.figure): f for f in flatness(summary) if f.backend == "emulated"}
+    assert verdicts[("4K", "events")].ratio == round(3.5 / 3.0, 3) and verdicts[("4K", "events")].flat
+    assert verdicts[("2M", "events")].ratio == 2.5 and verdicts[("2M", "events")].flat is False
+    assert verdicts[("4K", "guest")].flat is None  # no figure, no verdict
+    text = format_summary(summary, flatness(summary))
+    assert "skipped: no pool" in text and "x2.5 grows" in text
+
+
+@needs_2m
+@pytest.mark.timeout(240)
+def test_sweep_runs_both_page_sizes(huge_pool):
+    from labkit.measure.hugetlb_sweep import HugetlbSweepPlan, run_hugetlb_sweep
+
+    plan = HugetlbSweepPlan(rams=[32 * MiB], pages=["4K", "2M"], backends=["emulated"], reps=1, dirty_rate="32M")
+    with huge_pool(pages_for(32 * MiB, HUGE)):  # root: the sweep grows and restores the pool itself too
+        rows = run_hugetlb_sweep(plan)
+    assert [(r["page"], r["status"]) for r in rows] == [("4K", "completed"), ("2M", "completed")], rows
+    assert [r["dst_kernel_page_size"] for r in rows] == [4096, HUGE]
+    assert all(r["same_inode"] and r["guest_verified"] and r["pause_ms_events"] > 0 for r in rows)

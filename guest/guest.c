@@ -296,6 +296,7 @@ void guest_main(u32 magic, u32 mbi_addr)
                     hb->gap_count++;
                 }
                 hb_write_end();
+                hb->progress_bytes = seq << PAGE_SHIFT; /* the host's progress sampler reads this word */
 
                 if (cycles_per_page) {
                     u64 t = rdtsc(), prev, jump = 0;

@@ -23,7 +23,7 @@
 /* Heartbeat page: fixed guest-physical address just below 2 MiB, above the kernel image. */
 #define HEARTBEAT_ADDR 0x1FF000ULL
 #define HEARTBEAT_MAGIC 0x42484B4Cu /* "LKHB" */
-#define HEARTBEAT_VERSION 1
+#define HEARTBEAT_VERSION 2
 #define HEARTBEAT_RANGES 4
 #define HEARTBEAT_GAP_SLOTS 16
 
@@ -61,6 +61,8 @@ struct heartbeat {
     struct heartbeat_range ranges[HEARTBEAT_RANGES];  /* 0x068 */
     struct heartbeat_gap gaps[HEARTBEAT_GAP_SLOTS];   /* 0x0a8 ring, slot = gap_count % 16 */
     char cmdline[256];                  /* 0x228 Multiboot command line (kernel path + -append) */
+    unsigned long long progress_bytes;  /* 0x328 bytes written since boot: one aligned store per page,
+                                         * outside the seqlock, so a host sampling at kHz reads it alone */
 };
 
 _Static_assert(__builtin_offsetof(struct heartbeat, seq) == 0x10, "layout");
@@ -69,7 +71,8 @@ _Static_assert(__builtin_offsetof(struct heartbeat, cur_pfn) == 0x50, "layout");
 _Static_assert(__builtin_offsetof(struct heartbeat, ranges) == 0x68, "layout");
 _Static_assert(__builtin_offsetof(struct heartbeat, gaps) == 0xa8, "layout");
 _Static_assert(__builtin_offsetof(struct heartbeat, cmdline) == 0x228, "layout");
-_Static_assert(sizeof(struct heartbeat) == 0x328, "layout");
+_Static_assert(__builtin_offsetof(struct heartbeat, progress_bytes) == 0x328, "layout");
+_Static_assert(sizeof(struct heartbeat) == 0x330, "layout");
 #endif
 
 #endif

@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "VMConfig": ("labkit.host.hardware", "VMConfig"),
     "GuestConfig": ("labkit.qemu_syntax", "GuestConfig"),
-    "spawn": ("labkit.host.machine", "spawn"),
+    "spawn": ("labkit.host.runners", "spawn"),
+    "Scenario": ("labkit.lab.scenario", "Scenario"),
     "Machine": ("labkit.host.machine", "Machine"),
     "Lab": ("labkit.lab.engine", "Lab"),
     "Snapshot": ("labkit.lab.engine", "Snapshot"),
@@ -22,7 +23,7 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name not in _LAZY:
         raise AttributeError(f"module 'labkit' has no attribute {name!r}")
     import importlib

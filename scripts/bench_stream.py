@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from labkit.vm.migration import stream  # noqa: E402
+from labkit.vm.migration import qemu_file, ram, stream  # noqa: E402
 
 MADV_POPULATE_WRITE = 23
 
@@ -119,9 +119,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     size = int(args.size[:-1]) << {"K": 10, "M": 20, "G": 30}[args.size[-1].upper()]
-    stream.RAM_SAVE_CHUNK_PAGES = args.chunk_pages
+    ram.RAM_SAVE_CHUNK_PAGES = args.chunk_pages  # set where ram_save_pages() and QEMUFile read them
     if args.keep_default_buffers:
-        stream.SOCKET_BUFFER_SIZE = 0
+        qemu_file.SOCKET_BUFFER_SIZE = 0
     prefault = not args.no_prefault
 
     src_fd = os.memfd_create("bench-src")

@@ -17,8 +17,15 @@ import pytest
 from helpers import CPR_TRANSFER_SOURCE_EVENTS
 
 from labkit.host.hardware import VMConfig
-from labkit.host.machine import VMStartError, spawn
-from labkit.host.runners.qemu import QemuOps, parse_ramblocks, qemu_argv, qemu_missing, wall_to_monotonic_ns
+from labkit.host.machine import VMStartError
+from labkit.host.runners import spawn
+from labkit.host.runners.qemu import (
+    QemuRunner,
+    parse_ramblocks,
+    qemu_argv,
+    qemu_missing,
+    wall_to_monotonic_ns,
+)
 from labkit.lab.engine import Lab
 from labkit.qemu_syntax import GuestConfig, MiB
 
@@ -134,7 +141,7 @@ def test_a_vm_that_does_not_start_is_named_in_qemus_words_without_the_trace_time
 
 @pytest.mark.timeout(60)
 def test_guest_stats_see_a_stop_as_a_gap_since_reset():
-    ops = QemuOps()
+    ops = QemuRunner()
     with spawn(VMConfig(name="g", ram=64 * MiB), backend="qemu") as m:
         ops.reset_gap(m)  # waits for the guest to run
         m.cmd("stop")
@@ -165,7 +172,7 @@ def test_guest_stats_see_a_stop_as_a_gap_since_reset():
 
 @pytest.mark.timeout(60)
 def test_paced_guest_sees_a_stop_inside_its_pacing_wait():
-    ops = QemuOps()
+    ops = QemuRunner()
     cfg = VMConfig(name="p", ram=64 * MiB, memory_backend="ram", share=False, guest=GuestConfig(16 * MiB))
     with spawn(cfg, backend="qemu") as m:
         ops.reset_gap(m)
@@ -186,7 +193,8 @@ def test_qemu_dies_with_the_process_that_spawned_it():
     code = (
         "import sys, time\n"
         "from labkit.host.hardware import VMConfig\n"
-        "from labkit.host.machine import VMStartError, spawn\n"
+        "from labkit.host.machine import VMStartError\n"
+        "from labkit.host.runners import spawn\n"
         "m = spawn(VMConfig(name='orphan', ram=32 << 20), backend='qemu')\n"
         "print(m.pid, flush=True)\n"
         "time.sleep(60)\n"
@@ -213,8 +221,8 @@ def test_lab_cpr_transfer_on_qemu_shares_the_memfd():
         while lab.index < len(lab.phases):
             snaps.append(lab.step())
         r = lab.run()
-        src_events = migration_events(lab.ops.events(lab.src))
-        dst_events = migration_events(lab.ops.events(lab.dst))
+        src_events = migration_events(lab.runner.events(lab.src))
+        dst_events = migration_events(lab.runner.events(lab.dst))
     assert r.status == "completed", r.error
     check_result_fields(r, dst_events)
     assert r.states == {"source": "postmigrate", "destination": "running"}
@@ -241,8 +249,8 @@ def test_lab_cpr_transfer_on_qemu_shares_the_memfd():
 def test_lab_normal_on_qemu_copies_every_page():
     with Lab(backend="qemu", mode="normal", ram="128M") as lab:
         r = lab.run()
-        src_events = migration_events(lab.ops.events(lab.src))
-        dst_events = migration_events(lab.ops.events(lab.dst))
+        src_events = migration_events(lab.runner.events(lab.src))
+        dst_events = migration_events(lab.runner.events(lab.dst))
     assert r.status == "completed", r.error
     check_result_fields(r, dst_events)
     assert r.states == {"source": "postmigrate", "destination": "running"}
@@ -259,7 +267,7 @@ def test_lab_normal_on_qemu_copies_every_page():
 def test_lab_cpr_reboot_on_qemu_restores_from_the_file():
     with Lab(backend="qemu", mode="cpr-reboot", ram="64M") as lab:
         r = lab.run()
-        dst_events = migration_events(lab.ops.events(lab.dst))
+        dst_events = migration_events(lab.runner.events(lab.dst))
     assert r.status == "completed", r.error
     check_result_fields(r, dst_events)
     assert r.states == {"source": "postmigrate", "destination": "running"}

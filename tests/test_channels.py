@@ -18,14 +18,12 @@ from labkit.vm.migration.channels import (
     channel_to_json,
     channel_to_uri,
     migrate_is_uri,
-    migration_connect,
-    migration_listen,
-    open_incoming_file,
     parse_channel,
     parse_channels,
     parse_incoming_option,
     parse_uri,
 )
+from labkit.vm.migration.qemu_sockets import migration_connect, migration_listen, open_incoming_file
 
 # ------------------------------------------------------------------------------------------
 # URIs

@@ -129,3 +129,13 @@ def test_bad_options_name_the_option(argv, needle):
         parse_args(argv)
     assert needle in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_option_error_carries_the_option_as_given():
+    """A caller (the lab's error line, a test) learns which option to fix without parsing the message."""
+    with pytest.raises(OptionError) as e:
+        parse_args(["--m", "0"])
+    assert e.value.option == "--m" and str(e.value).startswith("--m 0: ")
+    with pytest.raises(OptionError) as e:
+        parse_args(["-machine", "memory-backend=nope"])  # a cross-option check: no single option to blame
+    assert e.value.option is None

@@ -18,9 +18,8 @@ import pytest
 from helpers import CPR_TRANSFER_SOURCE_EVENTS, unix, wait_for
 
 from labkit.host.hardware import VMConfig
-from labkit.host.machine import spawn
 from labkit.host.qmp_sync import QMPCommandError
-from labkit.host.runners import get_backend
+from labkit.host.runners import get_backend, spawn
 from labkit.host.runners import qemu_guest as qg
 from labkit.host.runners.qemu import qemu_missing
 from labkit.lab.engine import Lab
@@ -76,8 +75,8 @@ def run_lab(backend: str, **kw) -> dict:
             "status": r.status,
             "error": r.error,
             "states": r.states,
-            "source": event_names(lab.ops.events(lab.src) if lab.src.alive() else lab.src_events),
-            "destination": event_names(lab.ops.events(lab.dst))
+            "source": event_names(lab.runner.events(lab.src) if lab.src.alive() else lab.src_record.events),
+            "destination": event_names(lab.runner.events(lab.dst))
             if lab.dst and lab.dst.qmp.connected
             else None,
             "verified": r.guest_verified,
@@ -440,8 +439,8 @@ def test_a_first_pass_within_100_ms_skips_the_exact_sync():
     for backend in BACKENDS:
         with Lab(backend=backend, mode="normal", ram="16M", dirty_rate="4K", max_bandwidth="10G") as lab:
             r = lab.run()
-            names = event_names(lab.ops.events(lab.src), collapse=False)
-            events = lab.ops.events(lab.src)
+            names = event_names(lab.runner.events(lab.src), collapse=False)
+            events = lab.runner.events(lab.src)
         assert r.status == "completed" and r.guest_verified, r.error
         setup = next(e["monotonic-ns"] for e in events if e.get("data", {}).get("status") == "setup")
         stop = next(e["monotonic-ns"] for e in events if e["event"] == "STOP")

@@ -28,14 +28,11 @@ from labkit.vm.migration.cpr import (
     CprError,
     CprFd,
     cpr_fd_check,
-    cpr_inspect,
-    cpr_inspect_listen,
     cpr_state_load,
     cpr_state_save,
-    cpr_transfer_input,
-    cpr_transfer_output,
-    format_cpr_inspect,
 )
+from labkit.vm.migration.cpr_inspect import cpr_inspect, cpr_inspect_listen, format_cpr_inspect
+from labkit.vm.migration.cpr_transfer import cpr_transfer_input, cpr_transfer_output
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,7 +174,8 @@ SOURCE_CHILD = textwrap.dedent(
     """
     import json, mmap, os, socket, sys
     from labkit.vm.migration.channels import parse_uri
-    from labkit.vm.migration.cpr import CprFd, cpr_state_save, cpr_transfer_output
+    from labkit.vm.migration.cpr import CprFd, cpr_state_save
+    from labkit.vm.migration.cpr_transfer import cpr_transfer_output
 
     sizes = json.loads(sys.argv[2])
     fds, maps = [], []
@@ -567,7 +565,7 @@ def test_inspect_listen_end_to_end(no_fd_leak):
 
 @pytest.mark.timeout(30)
 def test_cpr_inspect_cli_times_out_cleanly(no_fd_leak, tmp_path, capsys):
-    from labkit.vm.migration.cpr import main
+    from labkit.vm.migration.cpr_inspect import main
 
     path = tmp_path / "cpr.sock"
     assert main([str(path), "--timeout", "0.2"]) == 1
@@ -671,7 +669,7 @@ def test_adopted_fd_larger_than_the_block_is_taken(no_fd_leak):
 def test_adopted_fd_too_small_grown_or_refused_as_qemu_does(no_fd_leak):
     """An implicit block grows a short memfd to its maximum length (and so the source's, the same inode);
     a memory-backend-memfd grows an empty one but refuses a short one, with qemu_ram_alloc_from_fd's text."""
-    from labkit.vm.memory import MemoryError_
+    from labkit.vm.memory import RAMBlockError
 
     fds = _cpr_fds_for({"/rom@etc/acpi/tables": 128 << 10, "ram0": 0})
     keep = {n: os.dup(fd) for n, fd in fds.items()}  # the source's own fds, to see what the destination did
@@ -684,11 +682,12 @@ def test_adopted_fd_too_small_grown_or_refused_as_qemu_does(no_fd_leak):
         finally:
             ram.close()
         short = {"ram0": memfd("ram0", 32 << 20)}
-        with pytest.raises(MemoryError_) as err:
+        with pytest.raises(RAMBlockError) as err:
             _ram(["-nodefaults"], short)
         assert str(err.value) == (
             "ram0 backing store size 0x2000000 is too small for 'size' option 0x4000000 plus 'offset' option 0x0"
         )
+        assert err.value.idstr == "ram0"  # the block the caller must fix
     finally:
         for fd in keep.values():
             os.close(fd)

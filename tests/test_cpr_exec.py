@@ -19,7 +19,7 @@ import pytest
 
 from labkit.host.hardware import VMConfig
 from labkit.host.machine import Machine
-from labkit.host.runners.emulated import emulated_argv
+from labkit.host.runners.emulated import EmulatedRunner, emulated_argv
 from labkit.lab.engine import Lab
 from labkit.qemu_syntax import GuestConfig
 from labkit.vm.memory import CPR_BLOCKER_TEXT
@@ -33,7 +33,7 @@ O_CLOEXEC = 0o2000000
 
 def _source(tmp_path, **kw) -> Machine:
     cfg = VMConfig(name="source", ram="64M", guest=GuestConfig(dirty_rate=16 << 20), **kw)
-    m = Machine(cfg).launch()
+    m = Machine(cfg, EmulatedRunner()).launch()
     m.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
     m.cmd("migrate-set-parameters", {"mode": "cpr-exec"})
     return m
@@ -164,7 +164,7 @@ def test_cpr_channel_is_ignored_on_both_sides(tmp_path):
         dcfg = replace(src.config, name="destination").with_incoming(
             f"file:{tmp_path}/state", unix(tmp_path / "cpr.sock", "cpr")
         )
-        dst = Machine(dcfg)
+        dst = Machine(dcfg, EmulatedRunner())
         src.cmd("migrate-set-parameters", {"cpr-exec-command": emulated_argv(dcfg, dst.qmp_path)})
         channels = [
             {"channel-type": "main", "addr": {"transport": "file", "filename": f"{tmp_path}/state", "offset": 0}},

@@ -24,9 +24,11 @@ from helpers import unix, wait_for
 from labkit.host.hardware import VMConfig
 from labkit.host.machine import Machine
 from labkit.host.procfs import read_fds, read_maps
+from labkit.host.runners.emulated import EmulatedRunner
 from labkit.host.runners.qemu import parse_ramblocks, qemu_missing
 from labkit.host.runners.qemu_guest import qemu_binary
-from labkit.vm.migration.cpr import CprFd, cpr_inspect_listen, cpr_state_save
+from labkit.vm.migration.cpr import CprFd, cpr_state_save
+from labkit.vm.migration.cpr_inspect import cpr_inspect_listen
 
 _MISSING = qemu_missing()
 pytestmark = [pytest.mark.qemu, pytest.mark.skipif(_MISSING is not None, reason=f"{_MISSING}")]
@@ -59,7 +61,7 @@ class Run:
 
     def start(self, prog: str, extra: list[str], *more: str, connect: bool = True) -> Machine:
         """One VM of `prog` with the README argv + `extra` + `more`, its monitor on its own socket."""
-        m = Machine(VMConfig(name=f"{prog}-{len(self.vms)}"))
+        m = Machine(VMConfig(name=f"{prog}-{len(self.vms)}"), EmulatedRunner())
         m.backend = "qemu" if prog == "qemu" else "emulated"
         m.argv = [
             *program(prog),

@@ -34,8 +34,9 @@ from faults import (
 from helpers import unix, wait_for
 
 from labkit.host.hardware import VMConfig
-from labkit.host.machine import Machine, spawn
+from labkit.host.machine import Machine
 from labkit.host.qmp_sync import QMPCommandError
+from labkit.host.runners import spawn
 from labkit.qemu_syntax import GuestConfig, MiB
 
 pytestmark = pytest.mark.timeout(60)

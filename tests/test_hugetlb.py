@@ -30,7 +30,7 @@ from labkit.host.hugepages import (
     read_pools,
     read_smaps,
 )
-from labkit.host.machine import spawn
+from labkit.host.runners import spawn
 from labkit.host.runners.qemu import qemu_missing
 from labkit.lab.engine import Lab, LabError
 from labkit.qemu_syntax import MiB

@@ -22,7 +22,8 @@ from faults import StreamRelay, fd_census, unix_socket_listening
 from helpers import wait_for
 
 from labkit.host.hardware import VMConfig
-from labkit.host.machine import Machine, spawn
+from labkit.host.machine import Machine
+from labkit.host.runners import spawn
 from labkit.qemu_syntax import GuestConfig, MiB
 from labkit.vm.migration.stream import (
     QEMUFileOut,

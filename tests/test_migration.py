@@ -11,8 +11,8 @@ import pytest
 from helpers import CPR_TRANSFER_SOURCE_EVENTS, unix
 
 from labkit.host.hardware import VMConfig
-from labkit.host.machine import spawn
 from labkit.host.qmp_sync import QMPCommandError
+from labkit.host.runners import spawn
 from labkit.lab.engine import Lab, migrate
 from labkit.qemu_syntax import GuestConfig, MiB
 

@@ -20,7 +20,9 @@ import time
 
 import pytest
 
-from labkit.vm.monitor import MAX_MESSAGE_SIZE, Monitor, QMPError
+from labkit.vm.monitor.monitor import Monitor
+from labkit.vm.qapi.error import QMPErrorResponse
+from labkit.vm.qobject.json_streamer import MAX_MESSAGE_SIZE
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,7 +43,7 @@ def register_samples(mon: Monitor) -> None:
         return args.get("value")
 
     def fail(args):
-        raise QMPError(args.get("desc", "it failed"), args.get("cls", "GenericError"))
+        raise QMPErrorResponse(args.get("desc", "it failed"), args.get("cls", "GenericError"))
 
     def crash(args):
         raise RuntimeError("boom")
@@ -643,7 +645,7 @@ def test_monitor_in_subprocess_serves_legacy_client(tmp_path):
     path = str(tmp_path / "sub.sock")
     code = f"""
 import asyncio, threading
-from labkit.vm.monitor import Monitor
+from labkit.vm.monitor.monitor import Monitor
 async def main():
     mon = Monitor(package="sub")
     done = asyncio.Event()

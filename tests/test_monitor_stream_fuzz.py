@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from labkit.host.hardware import VMConfig
 from labkit.host.machine import Machine
+from labkit.host.runners.emulated import EmulatedRunner
 from labkit.host.runners.qemu import qemu_missing
 from labkit.qemu_syntax import GuestConfig
 
@@ -162,7 +163,7 @@ def _rss_anon(pid: int) -> int:
 @pytest.fixture
 def vm():
     cfg = VMConfig(name="fuzzed", ram=64 << 20, guest=GuestConfig(dirty_rate=16 << 20))
-    m = Machine(cfg, "emulated").launch(connect=False)
+    m = Machine(cfg, EmulatedRunner()).launch(connect=False)
     try:
         yield m
     finally:

@@ -34,6 +34,7 @@ OWN = (
     "04-pause-time-normal-vs-cpr",
     "05-blockers-and-failures",
     "06-cpr-reboot",
+    "08-after-the-pause",
 )
 
 

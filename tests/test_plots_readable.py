@@ -20,6 +20,7 @@ from labkit.lab.engine import migrate
 from labkit.lab.report import concat
 from labkit.measure import plots
 from labkit.measure.pause_breakdown import plot_results
+from labkit.measure.progress import plot_progress
 from labkit.measure.sweeps import headline_sweep, plot_headline, plot_main_bytes, plot_total
 
 matplotlib.use("Agg")
@@ -157,6 +158,7 @@ def render_all(results, tmp_path, prefix: str) -> list[str]:
         ("main-bytes", plot_main_bytes(frame)),
         ("headline", plot_headline(headline)),
         ("backends", plots.plot_backends(results["cpr-transfer"], results["normal"])),
+        ("progress", plot_progress(results["cpr-transfer"], results["normal"])),
     ):
         assert_readable(fig, f"{prefix}-{name}", tmp_path)
         titles.append(_title(fig))

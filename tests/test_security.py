@@ -23,7 +23,9 @@ from helpers import wait_for
 
 import labkit
 from labkit.host.hardware import VMConfig
-from labkit.host.machine import Machine, spawn
+from labkit.host.machine import Machine
+from labkit.host.runners import spawn
+from labkit.host.runners.emulated import EmulatedRunner
 from labkit.lab.engine import Lab
 from labkit.qemu_syntax import MiB
 
@@ -92,7 +94,7 @@ def test_a_given_run_directory_is_made_private(tmp_path):
     d = tmp_path / "shared"
     d.mkdir(mode=0o777)
     os.chmod(d, 0o777)
-    Machine(VMConfig(name="b", ram=RAM), run_dir=str(d))
+    Machine(VMConfig(name="b", ram=RAM), EmulatedRunner(), run_dir=str(d))
     assert mode(d) == 0o700
 
 

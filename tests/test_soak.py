@@ -20,8 +20,9 @@ from faults import unix_socket_listening
 from helpers import unix, wait_for
 
 from labkit.host.hardware import VMConfig
-from labkit.host.machine import Machine, spawn
+from labkit.host.machine import Machine
 from labkit.host.procfs import read_fds
+from labkit.host.runners import spawn
 from labkit.qemu_syntax import GuestConfig, MiB
 
 RAM = 32 * MiB

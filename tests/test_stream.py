@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from labkit.vm.migration import ram as ram_module
 from labkit.vm.migration import stream as s
 from labkit.vm.migration.stream import PAGE_SIZE, QEMUFileIn, QEMUFileOut, StreamError
 from labkit.vm.migration.vmstate import VMStateDescription, VMStateField, vmstate_load_state
@@ -635,12 +636,12 @@ def test_property_random_dirty_sets(npages, seed, passes, zero_fraction, chunk):
         for p in pages.tolist():
             view[p] = 0 if rng.random() < zero_fraction else rng.integers(0, 256, PAGE_SIZE, dtype=np.uint8)
         plan.append({"pc.ram": dirty_runs(pages)})
-    old = s.RAM_SAVE_CHUNK_PAGES
-    s.RAM_SAVE_CHUNK_PAGES = chunk
+    old = ram_module.RAM_SAVE_CHUNK_PAGES  # read where ram_save_pages() reads it
+    ram_module.RAM_SAVE_CHUNK_PAGES = chunk
     try:
         data = _stream_bytes(lambda f: save_passes(f, src, plan, DEVICES))
     finally:
-        s.RAM_SAVE_CHUNK_PAGES = old
+        ram_module.RAM_SAVE_CHUNK_PAGES = old
     ram = GuardedRAM({n: len(b) for n, b in src.items()}, fill=int(rng.integers(0, 256)))
     seen: list = []
     stats = _load(data, ram, on_device=recorder(seen))

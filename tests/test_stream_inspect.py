@@ -22,8 +22,8 @@ import pytest
 from helpers import unix, wait_for
 
 from labkit.host.hardware import VMConfig
-from labkit.host.machine import spawn
 from labkit.host.runners import qemu_guest as qg
+from labkit.host.runners import spawn
 from labkit.host.runners.qemu import default_bios, parse_ramblocks, qemu_missing
 from labkit.measure.stream_inspect import inspect_stream, main, read_vmdesc_tail
 from labkit.qemu_syntax import GuestConfig, MiB

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from labkit.host.hardware import VMConfig
-from labkit.host.machine import spawn
 from labkit.host.qmp_sync import QMPCommandError
+from labkit.host.runners import spawn
 from labkit.qemu_syntax import GuestConfig, MiB
 
 pytestmark = pytest.mark.timeout(60)
@@ -119,7 +119,7 @@ def test_bad_command_line_exits_1_with_one_line(args, needle):
 
 def test_vm_dies_with_its_parent(tmp_path):
     code = (
-        "import sys, time; from labkit.host.machine import spawn; from labkit.host.hardware import VMConfig;"
+        "import sys, time; from labkit.host.runners import spawn; from labkit.host.hardware import VMConfig;"
         f"m = spawn(VMConfig(ram=32 << 20), run_dir={str(tmp_path)!r}); print(m.pid, flush=True); time.sleep(60)"
     )
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -6,6 +6,7 @@ import psutil
 import pytest
 
 from labkit.lab.engine import PHASES, Lab
+from labkit.lab.scenario import Scenario
 from labkit.teach.widgets import Stepper, figure_png, lab_arguments
 
 pytestmark = pytest.mark.timeout(90)
@@ -141,7 +142,7 @@ def test_stepper_from_a_lab_and_from_a_factory():
         assert s.lab is lab
         s.on_reset()
         assert s.lab is not lab and s.lab.mode == "normal" and s.lab.config.guest.seed == 7
-        assert lab_arguments(s.lab) == lab_arguments(lab)
+        assert s.lab.scenario == lab.scenario and lab_arguments(s.lab) == lab_arguments(lab)
     made = []
 
     def factory() -> Lab:
@@ -162,14 +163,27 @@ def test_stepper_from_a_lab_and_from_a_factory():
 
 
 def test_lab_arguments_round_trip_without_spawning():
-    lab = Lab(mode="normal", ram="48M", dirty_rate="8M", pattern="random", max_bandwidth="1G", defer=True)
+    lab = Lab(mode="normal", ram="48M", dirty_rate="8M", pattern="random", max_bandwidth="1G", defer=True,
+              prefill=True, timeout=30)  # fmt: skip
     again = Lab(**lab_arguments(lab))
     try:
+        assert again.scenario == lab.scenario
         assert again.config.ram == lab.config.ram and again.config.guest == lab.config.guest
-        assert (again.mode, again.max_bandwidth, again.defer) == ("normal", 1 << 30, True)
+        assert (again.mode, again.scenario.max_bandwidth, again.defer) == ("normal", 1 << 30, True)
+        assert again.config.guest.prefill and again.timeout == 30
     finally:
         lab.close()
         again.close()
+
+
+def test_reset_keeps_every_setting_including_prefill():
+    """The Stepper's Reset builds its next Lab from the same Scenario: prefill and the rest survive."""
+    scenario = Scenario(mode="normal", ram="16M", warmup=0.05, prefill=True, seed=3, downtime_limit=700)
+    with Stepper(scenario) as s:
+        first = s.lab
+        s.on_reset()
+        assert s.lab is not first and s.lab.scenario == scenario
+        assert s.lab.config.guest.prefill and s.lab.config.guest.seed == 3
 
 
 def test_a_refused_migration_is_shown_not_raised():

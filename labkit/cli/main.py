@@ -11,8 +11,12 @@ import json
 import os
 import re
 import sys
+from typing import TYPE_CHECKING
 
 from labkit.qemu_syntax import SizeError, parse_size
+
+if TYPE_CHECKING:
+    from labkit.lab.scenario import Scenario
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,39 +83,41 @@ def _migration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--defer", action="store_true", help="start the destination with -incoming defer")
     p.add_argument("--seed", default=1, type=int)
     p.add_argument("--timeout", default=60.0, type=float, help="seconds to wait for any one phase")
+    p.add_argument("--prealloc", default="off", choices=["on", "off"], help="prealloc= of the memory backend")
+    p.add_argument(
+        "--progress-after",
+        default=250.0,
+        type=float,
+        metavar="MS",
+        help="sample the guest's progress this long after RESUME (post_resume's window; 0: no sampling)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _lab_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
-        backend=args.backend,
-        mode=args.mode,
-        ram=args.ram,
-        memory_backend=args.memory_backend,
-        share=None if args.share is None else args.share == "on",
-        aux_ram_share=args.aux_ram_share == "on",
-        dirty_rate=args.dirty_rate,
-        pattern=args.pattern,
-        working_set=args.working_set,
-        downtime_limit=args.downtime_limit,
-        max_bandwidth=args.max_bandwidth,
-        defer=args.defer,
-        seed=args.seed,
-        timeout=args.timeout,
-        hugetlb=args.hugetlb,
-    )
+def _scenario(args: argparse.Namespace, **changes: object) -> Scenario:
+    """The Scenario the migration options describe (a LabError names the option it refuses)."""
+    from labkit.lab.scenario import Scenario
+
+    return Scenario(
+        backend=args.backend, mode=args.mode, ram=args.ram, memory_backend=args.memory_backend,
+        share=None if args.share is None else args.share == "on", aux_ram_share=args.aux_ram_share == "on",
+        dirty_rate=args.dirty_rate, pattern=args.pattern, working_set=args.working_set,
+        downtime_limit=args.downtime_limit, max_bandwidth=args.max_bandwidth, defer=args.defer,
+        seed=args.seed, timeout=args.timeout, prealloc=args.prealloc == "on",
+        progress=args.progress_after > 0, progress_after_ms=args.progress_after, hugetlb=args.hugetlb,
+    ).with_(**changes)  # fmt: skip
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from labkit.lab.engine import LabError, migrate
 
     try:
-        result = migrate(**_lab_kwargs(args))
+        result = migrate(_scenario(args))
     except LabError as e:
         print(f"labkit: {e}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(result.to_dict(), indent=None, default=str))
+        print(result.to_json())
     else:
         print(result.summary(include_error=False))
     if result.status != "completed":
@@ -148,13 +154,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     rows = []
     for mode in ("cpr-transfer", "normal", "cpr-reboot"):
-        kw = _lab_kwargs(args)
-        kw["mode"] = mode
         print(
             f"-- {mode}: migrating a {args.ram >> 20} MiB guest that writes {args.dirty_rate >> 20} MiB/s ...",
             flush=True,
         )
-        rows.append(migrate(**kw))
+        rows.append(migrate(_scenario(args, mode=mode)))
     print()
     print(
         f"{'mode':13s} {'status':10s} {'pause: reported':>16s} {'STOP->RESUME':>13s} {'guest-seen':>11s} "

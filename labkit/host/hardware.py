@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from labkit.qemu_syntax import GuestConfig, MiB, format_size, parse_size
 
@@ -36,6 +37,7 @@ class VMConfig:
     holds: list[str] = field(default_factory=list)  # -x-hold (emulator only): migration points to wait at
     nodefaults: bool = True  # -nodefaults; off adds q35's VGA and e1000e NIC, and with them their RAM blocks
     hugetlb: int | str | None = None  # huge page size ("2M"): memory-backend-memfd,hugetlb=on,hugetlbsize=
+    prealloc: bool = False  # prealloc=on on the memory backend: every page faulted in at start (both backends)
 
     def __post_init__(self) -> None:
         self.ram = parse_size(self.ram, "m") if isinstance(self.ram, str) else self.ram
@@ -54,7 +56,7 @@ class VMConfig:
         if isinstance(self.guest, dict):
             self.guest = GuestConfig(**self.guest)
 
-    def with_incoming(self, *values: str | dict) -> VMConfig:
+    def with_incoming(self, *values: str | dict[str, Any]) -> VMConfig:
         """A copy of this VM as a migration destination: same machine, plus -incoming options."""
         rendered = [v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for v in values]
         return replace(self, incoming=rendered)
@@ -79,6 +81,8 @@ class VMConfig:
             parts.append(f"mem-path={self.mem_path}")
         if self.hugetlb is not None:
             parts += ["hugetlb=on", f"hugetlbsize={format_size(int(self.hugetlb))}"]
+        if self.prealloc:
+            parts.append("prealloc=on")
         return ",".join(parts)
 
     def common_argv(self, qmp_path: str) -> list[str]:

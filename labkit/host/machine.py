@@ -18,11 +18,14 @@ import tempfile
 import threading
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from labkit.host.hardware import VMConfig
 from labkit.host.procfs import Mapping, read_maps
 from labkit.host.qmp_sync import QMP
+
+if TYPE_CHECKING:
+    from labkit.host.runners.base import Runner
 
 PR_SET_PDEATHSIG = 1
 # The ISO time QEMU's `-msg timestamp=on` puts before each stderr message. The same pattern as
@@ -48,32 +51,29 @@ def _kill_all() -> None:
             m.kill()
 
 
-def backend_argv(config: VMConfig, backend: str, qmp_path: str) -> list[str]:
-    """The full command line of a VM for a backend."""
-    from labkit.host.runners import get_backend
-
-    return get_backend(backend).argv(config, qmp_path)
-
-
 class VMStartError(ConnectionError):
     """The VM process exited before its monitor opened; the message carries the VM's own error line."""
 
 
 class Machine:
-    """A launched VM. Use as a context manager, or call shutdown()."""
+    """A launched VM. Use as a context manager, or call shutdown().
 
-    def __init__(self, config: VMConfig, backend: str = "emulated", run_dir: str | None = None):
+    The runner (labkit.host.runners) says which program runs it and how; Machine itself knows none of them,
+    so the runners build on Machine and not the other way round."""
+
+    def __init__(self, config: VMConfig, runner: Runner, run_dir: str | None = None):
         self.config = config
-        self.backend = backend
+        self.runner = runner
+        self.backend = runner.name
         self._own_dir = run_dir is None
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix=f"labkit-{config.name}-"))
         os.chmod(self.run_dir, 0o700)
         self.qmp_path = str(self.run_dir / "qmp.sock")
         self.log_path = self.run_dir / "vm.log"
-        self.argv = backend_argv(config, backend, self.qmp_path)
-        self.proc: subprocess.Popen | None = None
+        self.argv = runner.argv(config, self.qmp_path)
+        self.proc: subprocess.Popen[bytes] | None = None
         self.qmp = QMP(config.name)
-        self._log = None
+        self._log: BinaryIO | None = None
 
     # -- life cycle --------------------------------------------------------------------------------------
     def launch(self, connect: bool = True, timeout: float = 30.0) -> Machine:
@@ -135,11 +135,11 @@ class Machine:
         assert self.proc is not None
         return self.proc.pid
 
-    def cmd(self, command: str, args: dict | None = None, timeout: float = 30.0, **kwargs: Any) -> Any:
+    def cmd(self, command: str, args: dict[str, Any] | None = None, timeout: float = 30.0, **kwargs: Any) -> Any:
         return self.qmp.cmd(command, args, timeout, **kwargs)
 
     @property
-    def events(self) -> list[dict]:
+    def events(self) -> list[dict[str, Any]]:
         return self.qmp.events
 
     def maps(self) -> list[Mapping]:
@@ -197,13 +197,3 @@ class Machine:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-
-def spawn(
-    config: VMConfig,
-    backend: str = "emulated",
-    connect: bool = True,
-    run_dir: str | None = None,
-    timeout: float = 30.0,
-) -> Machine:
-    """Start one VM and return its Machine (connected to QMP unless connect=False)."""
-    return Machine(config, backend, run_dir).launch(connect=connect, timeout=timeout)

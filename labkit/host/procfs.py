@@ -156,12 +156,15 @@ def read_fds(pid: int | str) -> list[FdInfo]:
             target = os.readlink(f"{base}/{entry}")
         except (ValueError, FileNotFoundError):
             continue
+        inode: int | None = None
+        mode: int | None = None
+        size: int | None = None
         try:
             st = os.stat(f"{base}/{entry}")
             inode, mode = st.st_ino, st.st_mode
-            size = st.st_size if stat.S_ISREG(mode) else None
+            size = st.st_size if stat.S_ISREG(st.st_mode) else None
         except (FileNotFoundError, PermissionError):
-            inode = mode = size = None
+            pass  # gone, or not ours to stat: the fd is still listed
         out.append(FdInfo(fd, target, inode, size, _kind(target, mode)))
     out.sort(key=lambda i: i.fd)
     return out

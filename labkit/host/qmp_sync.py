@@ -12,7 +12,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, StateError
@@ -59,11 +59,11 @@ class QMP:
         self.loop = _LoopThread.get()
         self._client: QMPClient | None = None
         self._pump: Any = None
-        self.events: list[dict] = []
+        self.events: list[dict[str, Any]] = []
         self._cond = threading.Condition()
-        self.greeting: dict | None = None
+        self.greeting: dict[str, Any] | None = None
 
-    def _run(self, coro, timeout: float | None):
+    def _run(self, coro: Coroutine[Any, Any, Any], timeout: float | None) -> Any:
         fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return fut.result(timeout)
@@ -106,7 +106,7 @@ class QMP:
                 self._cond.notify_all()
 
     def cmd(
-        self, command: str, args: dict | None = None, timeout: float = DEFAULT_TIMEOUT, **kwargs: Any
+        self, command: str, args: dict[str, Any] | None = None, timeout: float = DEFAULT_TIMEOUT, **kwargs: Any
     ) -> Any:
         """Execute a command and return its "return" value; raise QMPCommandError on an error answer."""
         if self._client is None:
@@ -124,9 +124,9 @@ class QMP:
         self,
         name: str,
         timeout: float = DEFAULT_TIMEOUT,
-        match: Callable[[dict], bool] | None = None,
+        match: Callable[[dict[str, Any]], bool] | None = None,
         after: int = 0,
-    ) -> dict:
+    ) -> dict[str, Any]:
         """Wait for an event (seen at index >= after) named `name` and matching `match`."""
         deadline = time.monotonic() + timeout
         with self._cond:

@@ -14,8 +14,12 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from itertools import pairwise
+from typing import TYPE_CHECKING, Any
 
 from labkit.lab.report import BreakdownRow, TimelineRow
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # (side, checkpoint, what it marks), in the order QEMU passes them on the guest's critical path.
 PAUSE_CHECKPOINTS: tuple[tuple[str, str, str], ...] = (
@@ -72,21 +76,21 @@ def pause_breakdown(timeline: Iterable[TimelineRow]) -> list[BreakdownRow]:
     return rows
 
 
-def breakdown_steps(runs: Sequence[Sequence[BreakdownRow | dict]]) -> dict:
+def breakdown_steps(runs: Sequence[Sequence[BreakdownRow | dict[str, Any]]]) -> dict[str, Any]:
     """Over many migrations of one kind: the median time between consecutive critical-path checkpoints
     (PAUSE_CHECKPOINTS order, skipping any a run lacks), and the median time of each checkpoint from STOP."""
 
-    def as_map(run) -> dict[tuple[str, str], float]:
+    def as_map(run: Sequence[BreakdownRow | dict[str, Any]]) -> dict[tuple[str, str], float]:
         rows = [r if isinstance(r, dict) else asdict(r) for r in run]
         return {(r["side"], r["checkpoint"]): r["t_ms"] for r in rows}
 
     maps = [as_map(run) for run in runs]
-    deltas: dict[tuple, list[float]] = {}
+    deltas: dict[tuple[tuple[str, str], tuple[str, str]], list[float]] = {}
     for m in maps:
         path = [(side, name) for side, name, _ in PAUSE_CHECKPOINTS if (side, name) in m]
         for a, b in pairwise(path):
             deltas.setdefault((a, b), []).append(m[b] - m[a])
-    steps = []
+    steps: list[dict[str, Any]] = []
     for (a, b), values in deltas.items():
         steps.append(
             {
@@ -108,7 +112,7 @@ def breakdown_steps(runs: Sequence[Sequence[BreakdownRow | dict]]) -> dict:
     return {"steps": steps, "t_ms_median": at, "runs": len(maps)}
 
 
-def pause_steps(rows: Sequence[BreakdownRow | dict]) -> list[dict]:
+def pause_steps(rows: Sequence[BreakdownRow | dict[str, Any]]) -> list[dict[str, Any]]:
     """One migration's pause cut into steps, from the source's STOP through the critical-path checkpoints
     after it (PAUSE_CHECKPOINTS order, skipping any the run lacks) to the destination's RESUME: the steps sum
     to the STOP -> RESUME pause, so two runs compared step by step show where one's pause is longer. The
@@ -129,7 +133,7 @@ def pause_steps(rows: Sequence[BreakdownRow | dict]) -> list[dict]:
     ]
 
 
-def compare_steps(runs: dict[str, Sequence[BreakdownRow | dict]]):
+def compare_steps(runs: dict[str, Sequence[BreakdownRow | dict[str, Any]]]) -> pd.DataFrame:
     """Several runs' pause steps side by side (a DataFrame: step, then one ms column per run, named by the
     keys of `runs`, e.g. "emulated" and "qemu"), in critical-path order; a step a run lacks is NaN there."""
     import pandas as pd
@@ -149,10 +153,11 @@ def compare_steps(runs: dict[str, Sequence[BreakdownRow | dict]]):
     )
 
 
-def largest_difference(frame, a: str, b: str) -> str | None:
+def largest_difference(frame: pd.DataFrame, a: str, b: str) -> str | None:
     """The step (a `compare_steps` row) where runs `a` and `b` differ most, in absolute ms; None if no step
     was measured in both."""
     both = frame.dropna(subset=[a, b])
     if both.empty:
         return None
-    return str(both.loc[(both[b] - both[a]).abs().idxmax(), "step"])
+    diff = (both[b] - both[a]).abs().to_numpy()
+    return str(both["step"].iloc[int(diff.argmax())])

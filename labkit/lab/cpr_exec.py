@@ -18,148 +18,126 @@ from typing import TYPE_CHECKING, Any
 
 from labkit.host.machine import Machine
 from labkit.host.qmp_sync import QMPCommandError, QMPTimeout
+from labkit.host.runners.qemu import QEMU_CPR_EXEC_VERSION, qemu_cpr_exec_refusal
+from labkit.lab.collect import SourceRecord
+from labkit.lab.phase import Phase
 
 if TYPE_CHECKING:
     from labkit.lab.engine import Lab
 
-QEMU_CPR_EXEC_VERSION = (10, 2, 0)
-
-PHASES = [
-    "source running",
-    "source stopped, device state saved to a file",
-    "exec: same PID, new program, guest RAM mapped",
-    "device state loaded",
-    "destination running in the same process",
-]
+__all__ = ["PHASES", "QEMU_CPR_EXEC_VERSION", "qemu_cpr_exec_refusal"]
 
 
-def qemu_cpr_exec_refusal() -> str | None:
-    """Why real QEMU here cannot run cpr-exec (one line naming the version needed), or None."""
-    from labkit.host.runners.qemu_guest import qemu_binary, qemu_version
-
-    binary = qemu_binary()
-    version = qemu_version(binary) if binary else None
-    if version is None or version < QEMU_CPR_EXEC_VERSION:
-        have = "not installed" if binary is None else f"{binary} is version {'.'.join(map(str, version or ()))}"
-        return f"cpr-exec needs QEMU 10.2 or later ({have})"
-    return "cpr-exec on the qemu backend is not implemented: labkit follows QEMU 10.2's source in the emulator"
+def _incoming(lab: Lab) -> str:
+    """The new program loads from the file at once, or waits (defer) so that a step can look at it first."""
+    return "defer" if (lab.defer or lab.stepping) else f"file:{lab.file_path}"
 
 
-class CprExecPhases:
-    """Mixed into Lab: the cpr-exec phases, in the order of PHASES."""
-
-    exec_done: bool = False
-    pre_exec: dict[str, Any] | None = None
-
-    def _cpr_exec_actions(self: Lab) -> list:
-        return [
-            self._start_source,
-            self._migrate_cpr_exec,
-            self._exec_new_program,
-            self._load_after_exec,
-            self._wait_resumed_after_exec,
+def _source_status(lab: Lab, src: Machine) -> str | None:
+    """The old program's last migration status: from its MIGRATION events, else asked (None once gone)."""
+    if lab.scenario.events:
+        seen = [
+            ev["data"]["status"]
+            for ev in src.events[lab.events_from :]
+            if ev.get("event") == "MIGRATION" and "status" in ev.get("data", {})
         ]
+        return seen[-1] if seen else None
+    try:
+        return lab.progress(src).status
+    except Exception:  # noqa: BLE001 - the monitor went away with the exec: no status to read
+        return None
 
-    def _cpr_exec_incoming(self: Lab) -> str:
-        """The new program loads from the file at once, or waits (defer) so that a step can look at it first."""
-        return "defer" if (self.defer or self.stepping) else f"file:{self.file_path}"
 
-    def _migrate_cpr_exec(self: Lab) -> None:
-        """cpr-exec-command is the destination's own command line; then migrate to a file and wait for it."""
-        if self.error is not None:
-            return
-        self._hold(self.src, "cpr-exec")
-        self.src_maps = self._block_mappings("source", self.src)  # the old program's addresses, for later
-        self.dst = Machine(self._dest_config(self._cpr_exec_incoming(), holds=("loaded",)), self.backend)
-        try:
-            self.src.cmd("migrate-set-parameters", {"cpr-exec-command": self.dst.argv})
-        except QMPCommandError as e:
-            self._failed(str(e))
-            return
-        if not self._migrate({"uri": f"file:{self.file_path}"}):
-            return
-        # Not _wait_status: the old program may exec (and its monitor vanish) right after `completed`.
-        self._wait_for(
-            lambda: os.path.exists(self.dst.qmp_path) or self._source_status() in ("completed", "failed"),
-            "the source to save its state",
-            self.src,
-        )
-        if self._source_status() == "failed" and not os.path.exists(self.dst.qmp_path):
-            info = self.src.cmd("query-migrate", timeout=10)
-            self._failed(info.get("error-desc") or "migration failed")
-            return
-        self._wait_held(self.src, "cpr-exec")
+def _exec_failed(lab: Lab, src: Machine) -> bool:
+    """execvp returned in the old program: it reports `failed` after `completed` and resumes the guest."""
+    return src.qmp.connected and _source_status(lab, src) == "failed"
 
-    def _source_status(self: Lab) -> str | None:
-        """The old program's last migration status: from its MIGRATION events, else asked (None once gone)."""
-        if self.events_cap:
-            seen = [
-                ev["data"]["status"]
-                for ev in self.src.events[self._events_from :]
-                if ev.get("event") == "MIGRATION" and "status" in ev.get("data", {})
-            ]
-            return seen[-1] if seen else None
-        try:
-            return self.src.cmd("query-migrate", timeout=10).get("status")
-        except Exception:  # noqa: BLE001 - the monitor went away with the exec: no status to read
-            return None
 
-    def _exec_failed(self: Lab) -> bool:
-        """execvp returned in the old program: it reports `failed` after `completed` and resumes the guest."""
-        return self.src.qmp.connected and self._source_status() == "failed"
+def migrate_cpr_exec(lab: Lab) -> None:
+    """cpr-exec-command is the destination's own command line; then migrate to a file and wait for it."""
+    src = lab.src
+    if lab.error is not None or src is None:
+        return
+    lab.hold(src, "cpr-exec")
+    lab.src_record.mappings = lab.block_mappings("source", src)  # the old program's addresses, for later
+    dst = lab.dst = Machine(lab.dest_config(_incoming(lab), holds=("loaded",)), lab.runner)
+    try:
+        src.cmd("migrate-set-parameters", {"cpr-exec-command": dst.argv})
+    except QMPCommandError as e:
+        lab.failed(str(e))
+        return
+    if not lab.start_migration({"uri": f"file:{lab.file_path}"}):
+        return
+    # Not wait_status: the old program may exec (and its monitor vanish) right after `completed`.
+    lab.wait_for(
+        lambda: os.path.exists(dst.qmp_path) or _source_status(lab, src) in ("completed", "failed"),
+        "the source to save its state",
+        src,
+    )
+    if _source_status(lab, src) == "failed" and not os.path.exists(dst.qmp_path):
+        lab.failed(lab.progress(src).error_desc or "migration failed")
+        return
+    lab.wait_held(src, "cpr-exec")
 
-    def _exec_new_program(self: Lab) -> None:
-        if self.error is not None or self.dst is None:
-            return
-        if self.stepping:
-            # what the old program holds before the exec: its memfds and QEMU_CPR_EXEC_STATE
-            self._continue(self.src, "cpr-exec")
-        self._wait_for(
-            lambda: os.path.exists(self.dst.qmp_path) or self._exec_failed(),
-            "the new program's monitor",
-            self.src,
-        )
-        if self._exec_failed():
-            info = self.src.cmd("query-migrate", timeout=10)
-            self._failed(info.get("error-desc") or "cpr-exec failed")
-            self.dst = None
-            return
-        self.dst.adopt(self.src)
-        self.src.qmp.close()  # the old program's monitor went away with it
-        self.exec_done = True
-        self.mark("lab", "process", f"the new program's monitor is up (same pid {self.src.pid})")
-        try:
-            self.dst.connect(self.timeout)
-        except (QMPTimeout, ConnectionError) as e:
-            self._failed(f"destination monitor: {e}")
-            return
-        record = self.dst.cmd("x-labkit-query-migrate", timeout=10).get("pre-exec") or {}
-        self.pre_exec = record
-        self.migrate_info = record.get("query-migrate", {})
-        self.migrate_lab_info = record.get("x-labkit-query-migrate", {})
-        self.src_checkpoints = [
-            {**c, "kind": "checkpoint", "detail": ""}
-            for c in record.get("checkpoints", [])
-        ]
-        self.src_events = record.get("events", [])
-        self.src_state = record.get("runstate", "(exec'd)")
 
-    def _load_after_exec(self: Lab) -> None:
-        if self.error is not None or self.dst is None:
-            return
-        if self._cpr_exec_incoming() == "defer":
-            self.dst.cmd(
-                "migrate-set-capabilities",
-                {"capabilities": [{"capability": "events", "state": self.events_cap}]},
-            )
-            self.dst.cmd("migrate-incoming", {"uri": f"file:{self.file_path}"})
-        if self.stepping:
-            self._wait_held(self.dst, "loaded")
-        else:
-            self._wait_for(self._dst_done, "the new program to load and resume", self.dst)
+def exec_new_program(lab: Lab) -> None:
+    src, dst = lab.src, lab.dst
+    if lab.error is not None or dst is None or src is None:
+        return
+    if lab.stepping:
+        # what the old program holds before the exec: its memfds and QEMU_CPR_EXEC_STATE
+        lab.continue_(src, "cpr-exec")
+    lab.wait_for(lambda: os.path.exists(dst.qmp_path) or _exec_failed(lab, src), "the new program's monitor", src)
+    if _exec_failed(lab, src):
+        lab.failed(lab.progress(src).error_desc or "cpr-exec failed")
+        lab.dst = None
+        return
+    dst.adopt(src)
+    lab.recorder.attach("destination", dst)  # the same process: its RAM, read from RESUME on
+    src.qmp.close()  # the old program's monitor went away with it
+    lab.exec_done = True
+    lab.mark("lab", "process", f"the new program's monitor is up (same pid {src.pid})")
+    try:
+        dst.connect(lab.timeout)
+    except (QMPTimeout, ConnectionError) as e:
+        lab.failed(f"destination monitor: {e}")
+        return
+    record: dict[str, Any] = lab.runner.migration_details(dst).get("pre-exec") or {}
+    lab.pre_exec = record
+    lab.src_record = SourceRecord(
+        query_migrate=record.get("query-migrate", {}),
+        details=record.get("x-labkit-query-migrate", {}),
+        events=record.get("events", []),
+        checkpoints=[{**c, "kind": "checkpoint", "detail": ""} for c in record.get("checkpoints", [])],
+        runstate=record.get("runstate", "(exec'd)"),
+        mappings=lab.src_record.mappings,
+    )
 
-    def _wait_resumed_after_exec(self: Lab) -> None:
-        if self.error is not None or self.dst is None:
-            return
-        self._continue(self.dst, "loaded")
-        self._wait_for(self._dst_done, "the new program to resume", self.dst)
+
+def load_after_exec(lab: Lab) -> None:
+    dst = lab.dst
+    if lab.error is not None or dst is None:
+        return
+    if _incoming(lab) == "defer":
+        lab.set_capability(dst, "events", lab.scenario.events)
+        dst.cmd("migrate-incoming", {"uri": f"file:{lab.file_path}"})
+    if lab.stepping:
+        lab.wait_held(dst, "loaded")
+    else:
+        lab.wait_for(lab.dst_done, "the new program to load and resume", dst)
+
+
+def wait_resumed_after_exec(lab: Lab) -> None:
+    dst = lab.dst
+    if lab.error is not None or dst is None:
+        return
+    lab.continue_(dst, "loaded")
+    lab.wait_for(lab.dst_done, "the new program to resume", dst)
+
+
+PHASES = (
+    Phase("save", "source stopped, device state saved to a file", migrate_cpr_exec),
+    Phase("exec", "exec: same PID, new program, guest RAM mapped", exec_new_program),
+    Phase("load", "device state loaded", load_after_exec),
+    Phase("resume", "destination running in the same process", wait_resumed_after_exec),
+)

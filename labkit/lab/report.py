@@ -8,8 +8,19 @@ pause_ms is measured three ways, because they disagree and the difference teache
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+from labkit.lab.facts import HostFacts
+from labkit.lab.scenario import Scenario
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+from labkit.lab.guest_progress import ProgressRow
 
 
 @dataclass
@@ -72,17 +83,52 @@ class Result:
     pause_breakdown: list[BreakdownRow] = field(default_factory=list)  # QEMU's checkpoints, from STOP
     query_migrate: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # the guest's own bytes-written counter sampled through the memfd (labkit.lab.guest_progress), and the
+    # first-touch cost after RESUME measured from it (labkit.lab.post_resume)
+    progress: list[ProgressRow] = field(default_factory=list)
+    post_resume: dict[str, Any] = field(default_factory=dict)
+
+    def progress_frame(self) -> pd.DataFrame:
+        """The guest's progress as a DataFrame (t_ms, side, bytes written since boot, bytes_per_s)."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            [asdict(r) for r in self.progress], columns=["t_ms", "side", "bytes", "bytes_per_s"]
+        )
+    scenario: Scenario | None = None  # what was asked: a Result read back can be run again
+    host: HostFacts | None = None  # the machine it ran on, and its load
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def timeline_frame(self):
+    def to_json(self, **dumps: Any) -> str:
+        """The Result as `labkit migrate --json` prints it; from_json() reads it back."""
+        return json.dumps(self.to_dict(), default=str, **dumps)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Result:
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in data.items() if k in known}
+        d["mappings"] = [MappingRow(**r) for r in d.get("mappings", [])]
+        d["timeline"] = [TimelineRow(**r) for r in d.get("timeline", [])]
+        d["pause_breakdown"] = [BreakdownRow(**r) for r in d.get("pause_breakdown", [])]
+        d["progress"] = [ProgressRow(**r) for r in d.get("progress", [])]
+        d["scenario"] = Scenario.from_dict(d["scenario"]) if d.get("scenario") else None
+        d["host"] = HostFacts.from_dict(d["host"]) if d.get("host") else None
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> Result:
+        """A Result from to_json()'s text (or a saved `labkit migrate --json` line)."""
+        return cls.from_dict(json.loads(text))
+
+    def timeline_frame(self) -> pd.DataFrame:
         """The timeline as a pandas DataFrame (t_ms, side, kind, detail), on the host's CLOCK_MONOTONIC."""
         import pandas as pd
 
         return pd.DataFrame([asdict(r) for r in self.timeline], columns=["t_ms", "side", "kind", "detail"])
 
-    def breakdown_frame(self):
+    def breakdown_frame(self) -> pd.DataFrame:
         """The pause by checkpoint as a DataFrame (checkpoint, side, t_ms from STOP, delta_ms from the one
         before), QEMU's checkpoint names on both backends."""
         import pandas as pd
@@ -91,7 +137,7 @@ class Result:
             [asdict(r) for r in self.pause_breakdown], columns=["checkpoint", "side", "t_ms", "delta_ms"]
         )
 
-    def phase_durations(self):
+    def phase_durations(self) -> pd.DataFrame:
         """How long each lab phase lasted (ms): from its start mark to the next one, or the last event."""
         import pandas as pd
 
@@ -115,6 +161,9 @@ class Result:
                 "notes",
                 "pages_per_pass",
                 "pause_breakdown",
+                "progress",
+                "scenario",
+                "host",
             ):
                 continue
             if isinstance(value, dict):
@@ -123,15 +172,19 @@ class Result:
             else:
                 row[key] = value
         row["pages_per_pass"] = " ".join(map(str, self.pages_per_pass))
+        if self.scenario is not None:  # the settings it ran with, by their Scenario names (ram is ram_bytes)
+            for key, value in self.scenario.to_dict().items():
+                if key != "ram":
+                    row.setdefault(key, value)
         return row
 
-    def to_frame(self):
+    def to_frame(self) -> pd.DataFrame:
         """One row with the same fields as `labkit migrate --json`, flattened (pause_ms_reported, bytes_main, ...)."""
         import pandas as pd
 
         return pd.DataFrame([self.flat()])
 
-    def mappings_frame(self):
+    def mappings_frame(self) -> pd.DataFrame:
         import pandas as pd
 
         return pd.DataFrame([asdict(r) for r in self.mappings])
@@ -159,6 +212,8 @@ class Result:
             f"  states: source {self.states.get('source')}, destination {self.states.get('destination')}",
             f"  guest memory verified: {self.guest_verified}",
         ]
+        if self.post_resume.get("steady_bytes_per_s"):
+            lines.append("  after RESUME: " + post_resume_line(self.post_resume))
         if self.pause_breakdown:
             lines.append("  pause by checkpoint (ms from STOP, +ms since the one before):")
             for b in self.pause_breakdown:
@@ -174,7 +229,23 @@ class Result:
         return next((m.block for m in self.mappings), "")
 
 
-def concat(results):
+def post_resume_line(pr: dict[str, Any]) -> str:
+    """post_resume in one line: the guest's rate against its steady rate, recovery, time lost, faults."""
+    from labkit.qemu_syntax import human_size
+
+    def rate(v: float | None) -> str:
+        return "n/a" if v is None else f"{human_size(int(v))}/s"
+
+    rec = pr.get("recover_ms")
+    return (
+        f"guest wrote {rate(pr.get('first_window_bytes_per_s'))} in its first {pr.get('window_ms')} ms "
+        f"(steady {rate(pr.get('steady_bytes_per_s'))}), back to 90 % after "
+        f"{'more than the window' if rec is None else f'{rec} ms'}, {pr.get('lost_ms')} ms of guest time lost, "
+        f"{pr.get('pages_faulted')} page faults in the destination"
+    )
+
+
+def concat(results: Iterable[Result | pd.DataFrame]) -> pd.DataFrame:
     """Many Results (or frames) as one DataFrame, one row each."""
     import pandas as pd
 
@@ -182,11 +253,11 @@ def concat(results):
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def to_csv(frame, path) -> None:
+def to_csv(frame: pd.DataFrame, path: str | os.PathLike[str]) -> None:
     frame.to_csv(path, index=False)
 
 
-def read_csv(path):
+def read_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read a results CSV back (written by to_csv or `labkit bench`)."""
     import pandas as pd
 

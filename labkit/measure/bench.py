@@ -185,7 +185,7 @@ def vm_bench(reps: int = 3, ram: int = 1024 * MiB) -> dict[str, Any]:
     """Spawn to QMP-ready, stop to vCPU quiesced, the dirty rate the guest reaches (on pages it has already
     touched, and on fresh pages, where the kernel's page faults set the pace), and memory beyond guest RAM
     (RssAnon + RssFile: guest RAM itself is shared memory, RssShmem)."""
-    from labkit.host.machine import spawn
+    from labkit.host.runners import spawn
 
     spawn_s, quiesce_ms, steady, first_touch, extra_rss = [], [], [], [], []
 

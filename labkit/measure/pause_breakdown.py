@@ -180,9 +180,8 @@ def breakdown_frame(results: list[Result]) -> pd.DataFrame:
 
 def reference_prefix() -> str:
     """The stored sweep (data/pause-breakdown-*.csv), for when there is no time to run one."""
-    return os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "pause-breakdown"
-    )
+    top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # labkit/measure/ -> repo
+    return os.path.join(top, "data", "pause-breakdown")
 
 
 def grows_with_ram(summary: pd.DataFrame, ms_per_gib: float = 250.0) -> dict[str, bool]:

@@ -13,13 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from labkit.host.hardware import VMConfig
-from labkit.host.machine import spawn
-from labkit.lab.engine import migrate
-from labkit.qemu_syntax import GuestConfig, parse_size
-
-# Lab keywords whose values are sizes: the frame holds them in bytes so they plot on one axis
-_SIZE_KEYS = ("dirty_rate", "max_bandwidth", "working_set")
+from labkit.lab.engine import Lab, migrate
+from labkit.lab.progress import MigrationInfo
+from labkit.lab.scenario import Backend, Pattern, Scenario
+from labkit.qemu_syntax import parse_size
 
 
 def _grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -37,31 +34,22 @@ def sweep(
     """Run one migration per point of the grid (every combination of its values) and repetition, and return
     one DataFrame row per run: the fields of `labkit migrate --json` plus the swept settings and `rep`.
 
-    `fixed` is passed to every run (Lab keywords: ram=, mode=, max_bandwidth=, ...). Repetition k uses seed
+    `fixed` holds the settings every run shares (a Scenario's: ram=, mode=, max_bandwidth=, ...), the grid
+    the ones that vary; sizes come back in bytes whichever way they were spelled. Repetition k uses seed
     seed+k, so a sweep is reproducible run for run; the measured times still vary with the machine's load.
     """
     import pandas as pd
 
+    base = Scenario(**fixed)  # refused here, once, before any run: one line naming the setting
     points = [(p, rep) for p in _grid(grid) for rep in range(repeat)]
     bar = _progress(len(points), progress)
     rows = []
     try:
         for point, rep in points:
-            kwargs = {**fixed, **point, "seed": seed + rep}
+            scenario = base.with_(**point, seed=seed + rep)
             bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in point.items()), refresh=False)
-            result = migrate(**kwargs)
-            row = result.flat()
-            row["ram_bytes"] = result.ram_bytes
-            for key in _SIZE_KEYS:
-                if kwargs.get(key) is not None:
-                    row[key] = parse_size(kwargs[key])
-            row.setdefault("max_bandwidth", parse_size(kwargs.get("max_bandwidth", "10G")))
-            row["downtime_limit"] = kwargs.get("downtime_limit", 300)
-            for key, value in point.items():
-                if key not in _SIZE_KEYS and key != "ram":
-                    row[key] = value  # memory_backend, pattern, ...: the swept setting as given
+            row = migrate(scenario).flat()  # the run's settings ride along, in bytes, from its Scenario
             row["rep"] = rep
-            row["seed"] = kwargs["seed"]
             rows.append(row)
             bar.update(1)
     finally:
@@ -147,98 +135,113 @@ class PrecopyWatch:
         return self.dirty_rate / self.max_bandwidth if self.max_bandwidth else float("inf")
 
 
+class _PrecopyWatcher:
+    """A Lab observer: samples query-migrate every `interval` s once `migrate` is sent; after `passes`
+    dirty-bitmap syncs it changes the parameters mid-migration (rescue) or sends migrate_cancel."""
+
+    def __init__(self, scenario: Scenario, passes: int, interval: float, timeout: float,
+                 rescue: dict[str, Any]) -> None:  # fmt: skip
+        self.scenario, self.passes, self.interval, self.timeout = scenario, passes, interval, timeout
+        self.rescue = rescue
+        self.samples: list[dict[str, Any]] = []
+        self.rescued_at: float | None = None
+        self.cancelled = False
+        self._next = 0.0
+
+    def _since_migrate(self, lab: Lab) -> float | None:
+        sent = next((r for r in lab.marks if r.kind == "qmp" and r.detail == "migrate"), None)
+        return None if sent is None else (time.monotonic_ns() - lab.t0) / 1e9 - sent.t_ms / 1000
+
+    def sample(self, lab: Lab, t_s: float) -> MigrationInfo:
+        """One row of query-migrate; none while the migration is still in setup (it has sent nothing)."""
+        assert lab.src is not None
+        info = MigrationInfo.from_qmp(lab.src.cmd("query-migrate"))
+        if info.status in ("none", "setup"):
+            return info
+        rescued = self.rescued_at is not None
+        limit = self.rescue.get("downtime-limit", self.scenario.downtime_limit) if rescued else None
+        bandwidth = self.rescue.get("max-bandwidth", self.scenario.max_bandwidth) if rescued else None
+        self.samples.append(
+            {
+                "t_s": round(t_s, 2),
+                "status": info.status,
+                "dirty_sync_count": info.ram.dirty_sync_count if info.ram else None,
+                "expected_downtime_ms": info.expected_downtime,
+                "downtime_limit_ms": limit if limit is not None else self.scenario.downtime_limit,
+                "max_bandwidth_MiB_s": round((bandwidth or self.scenario.max_bandwidth) / (1 << 20)),
+                "remaining_MiB": round(info.stats.remaining / (1 << 20), 1),
+                "transferred_MiB": round(info.stats.transferred / (1 << 20), 1),
+                "dirty_pages_rate": info.ram.dirty_pages_rate if info.ram else None,
+                "downtime_ms": info.downtime,
+                "rescued": rescued,
+            }
+        )
+        return info
+
+    def __call__(self, lab: Lab) -> None:
+        t_s = self._since_migrate(lab)
+        if t_s is None or t_s < self._next or self.cancelled or lab.src is None:
+            return
+        info = self.sample(lab, t_s)
+        if info.status in ("none", "setup"):
+            return  # ask again at the next poll
+        self._next = t_s + self.interval
+        many = info.stats.dirty_sync_count >= self.passes
+        if many and self.rescue and self.rescued_at is None and info.status == "active":
+            lab.src.cmd("migrate-set-parameters", self.rescue)  # mid-migration: the next pass uses them
+            self.rescued_at = self.samples[-1]["t_s"]
+        elif info.status == "active" and ((many and self.rescued_at is None) or t_s > self.timeout):
+            lab.src.cmd("migrate_cancel")
+            self.cancelled = True
+
+
 def watch_precopy(
     ram: str | int = "64M",
     dirty_rate: str | int = "256M",
     max_bandwidth: str | int = "128M",
     downtime_limit: int = 300,
-    pattern: str = "sequential",
+    pattern: Pattern = "sequential",
     passes: int = 5,
     timeout: float = 20.0,
     interval: float = 0.25,
     seed: int = 1,
-    backend: str = "emulated",
+    backend: Backend = "emulated",
     rescue: Mapping[str, Any] | None = None,
 ) -> PrecopyWatch:
-    """Start a normal (pre-copy) migration, sample query-migrate every `interval` s until it completes or has
-    made `passes` dirty-bitmap syncs, then migrate_cancel if it is still going; report the source afterwards
-    (status, runstate, guest memory verified). Both VMs end before this returns.
+    """Run a normal (pre-copy) migration through the Lab, sampling query-migrate every `interval` s until it
+    completes or has made `passes` dirty-bitmap syncs, then migrate_cancel if it is still going; report the
+    source afterwards (status, runstate, guest memory verified). Both VMs end before this returns.
 
     With `rescue` (migrate-set-parameters arguments, e.g. {"max-bandwidth": "1G"}), a migration still going
     after `passes` syncs is not cancelled: the parameters are changed mid-migration, as an operator would,
     and the sampling goes on until it completes or `timeout` runs out; only then is it cancelled."""
     import pandas as pd
 
-    dirty, bandwidth = parse_size(dirty_rate), parse_size(max_bandwidth)
-    size = parse_size(ram, "m") if isinstance(ram, str) else ram
-    guest = GuestConfig(dirty_rate=dirty, pattern=pattern, seed=seed)
-    src = spawn(VMConfig(name="source", ram=size, guest=guest), backend=backend)
-    dst = None
-    samples: list[dict[str, Any]] = []
+    scenario = Scenario(
+        mode="normal", backend=backend, ram=parse_size(ram, "m"), dirty_rate=parse_size(dirty_rate),
+        max_bandwidth=parse_size(max_bandwidth), downtime_limit=downtime_limit, pattern=pattern, seed=seed,
+        warmup=0.2, timeout=timeout + 30,
+    )  # fmt: skip
+    rescue_args = {k: parse_size(v) if k == "max-bandwidth" else v for k, v in (rescue or {}).items()}
+    watcher = _PrecopyWatcher(scenario, passes, interval, timeout, rescue_args)
+    with Lab(scenario) as lab:
+        lab.observers.append(watcher)
+        result = lab.run()
+        if not watcher.cancelled and watcher.samples and result.status == "completed":
+            watcher.sample(lab, watcher._since_migrate(lab) or 0.0)  # the last word: completed
     after: dict[str, Any] = {}
-    try:
-        path = f"{src.run_dir}/main.sock"
-        dst = spawn(VMConfig(name="destination", ram=size).with_incoming(f"unix:{path}"), backend=backend)
-        src.cmd("migrate-set-parameters", {"max-bandwidth": bandwidth, "downtime-limit": downtime_limit})
-        time.sleep(0.2)  # let the guest dirty some memory first
-        t0 = time.monotonic()
-        src.cmd("migrate", {"uri": f"unix:{path}"})
-        rescued_at = None
-        rescue_args = {k: parse_size(v) if k == "max-bandwidth" else v for k, v in (rescue or {}).items()}
-        while True:
-            info = src.cmd("query-migrate")
-            ram_info = info.get("ram", {})
-            samples.append(
-                {
-                    "t_s": round(time.monotonic() - t0, 2),
-                    "status": info.get("status", "none"),
-                    "dirty_sync_count": ram_info.get("dirty-sync-count"),
-                    "expected_downtime_ms": info.get("expected-downtime"),
-                    "downtime_limit_ms": rescue_args.get("downtime-limit", downtime_limit)
-                    if rescued_at is not None
-                    else downtime_limit,
-                    "max_bandwidth_MiB_s": round(
-                        (rescue_args.get("max-bandwidth", bandwidth) if rescued_at is not None else bandwidth)
-                        / (1 << 20)
-                    ),
-                    "remaining_MiB": round(ram_info.get("remaining", 0) / (1 << 20), 1),
-                    "transferred_MiB": round(ram_info.get("transferred", 0) / (1 << 20), 1),
-                    "dirty_pages_rate": ram_info.get("dirty-pages-rate"),
-                    "downtime_ms": info.get("downtime"),
-                }
-            )
-            samples[-1]["rescued"] = rescued_at is not None
-            done = info.get("status") in ("completed", "failed", "cancelled")
-            many = (ram_info.get("dirty-sync-count") or 0) >= passes
-            if many and rescue_args and rescued_at is None and info.get("status") == "active":
-                src.cmd("migrate-set-parameters", rescue_args)  # mid-migration: the next pass uses them
-                rescued_at = samples[-1]["t_s"]
-                many = False
-            if done or (many and rescued_at is None) or time.monotonic() - t0 > timeout:
-                break
-            time.sleep(interval)
-        converged = samples[-1]["status"] == "completed"
-        if not converged and samples[-1]["status"] == "active":
-            src.cmd("migrate_cancel")
-            deadline = time.monotonic() + 10
-            while src.cmd("query-migrate").get("status") not in ("cancelled", "failed", "completed"):
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.02)
-        if not converged:
-            after = {
-                "migration status": src.cmd("query-migrate").get("status"),
-                "source runstate": src.cmd("query-status")["status"],
-                "guest memory verified": bool(src.cmd("x-labkit-verify").get("ok"))
-                if backend == "emulated"
-                else None,
-            }
-    finally:
-        if dst is not None:
-            dst.kill()
-        src.shutdown()
-    watch = PrecopyWatch(pd.DataFrame(samples), converged, downtime_limit, bandwidth, dirty, after)
-    watch.rescue, watch.rescued_at_s = dict(rescue or {}), rescued_at
+    converged = result.status == "completed"
+    if not converged:
+        after = {
+            "migration status": result.status,
+            "source runstate": result.states.get("source"),
+            "guest memory verified": result.guest_verified,
+        }
+    watch = PrecopyWatch(
+        pd.DataFrame(watcher.samples), converged, downtime_limit, scenario.max_bandwidth, scenario.dirty_rate,
+        after,
+    )  # fmt: skip
+    watch.rescue, watch.rescued_at_s = dict(rescue or {}), watcher.rescued_at
     return watch
 
 

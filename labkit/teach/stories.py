@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from labkit.host.hardware import VMConfig
-from labkit.host.machine import Machine, spawn
+from labkit.host.machine import Machine
 from labkit.host.qmp_sync import QMPCommandError, QMPTimeout
+from labkit.host.runners import spawn
 from labkit.lab.engine import Lab
 from labkit.lab.report import Result
+from labkit.lab.scenario import Scenario
 from labkit.qemu_syntax import GuestConfig, parse_size
 
 
@@ -78,7 +80,7 @@ def try_migrate(
             error,
             info.get("status", "none"),  # QEMU 10 answers {} when no migration ever started
             m.cmd("query-status")["status"],
-            bool(m.cmd("x-labkit-verify").get("ok")),
+            bool(m.runner.verify(m).get("ok")),
             blocked,
         )
 
@@ -137,7 +139,7 @@ def defer_walkthrough(ram: str | int = "64M", dirty_rate: str | int = "16M", tim
         while dst.cmd("query-status")["status"] != "running" and time.monotonic() < deadline:
             time.sleep(0.02)
         note("destination", "query-status", dst.cmd("query-status")["status"])
-        note("destination", "x-labkit-verify (guest memory)", bool(dst.cmd("x-labkit-verify").get("ok")))
+        note("destination", "x-labkit-verify (guest memory)", bool(dst.runner.verify(dst).get("ok")))
     finally:
         if dst is not None:
             dst.shutdown(timeout=5)
@@ -182,7 +184,7 @@ def port_zero_walkthrough(ram: str | int = "32M", timeout: float = 30.0):
             time.sleep(0.02)
         note("source", "query-migrate", src.cmd("query-migrate"))
         note("source", "query-status", src.cmd("query-status")["status"])
-        note("source", "x-labkit-verify (guest memory)", bool(src.cmd("x-labkit-verify").get("ok")))
+        note("source", "x-labkit-verify (guest memory)", bool(src.runner.verify(src).get("ok")))
     finally:
         if dst is not None:
             dst.kill()
@@ -196,10 +198,8 @@ def destination_dies(mode: str = "normal", after_phase: int = 3, **lab_kwargs: A
     and return (the phases seen, as a DataFrame; the Result: status, error-desc, states, memory verified)."""
     import pandas as pd
 
-    lab_kwargs.setdefault("ram", "64M")
-    lab_kwargs.setdefault("dirty_rate", "16M")
     rows = []
-    with Lab(mode=mode, **lab_kwargs) as lab:
+    with Lab(Scenario(**{"ram": "64M", "dirty_rate": "16M", **lab_kwargs, "mode": mode})) as lab:
         for _ in range(after_phase):
             snap = lab.step()
             rows.append({"phase": snap.phase, **{f"{k} state": v for k, v in snap.states.items()}})
@@ -218,7 +218,7 @@ def cpr_reboot_walkthrough(**lab_kwargs: Any) -> tuple[Any, Result]:
     import pandas as pd
 
     rows = []
-    with Lab(mode="cpr-reboot", **lab_kwargs) as lab:
+    with Lab(Scenario(**{**lab_kwargs, "mode": "cpr-reboot"})) as lab:
         for _ in lab.phases:
             snap = lab.step()
             size = os.path.getsize(lab.file_path) if os.path.exists(lab.file_path) else None
@@ -268,12 +268,12 @@ def cont_after_handoff(ram: str | int = "64M", dirty_rate: str | int = "32M", ru
     def note(who: str, sent: str, seen: Any) -> None:
         rows.append({"step": len(rows) + 1, "to": who, "sent / looked at": sent, "came back": seen})
 
-    with Lab(mode="cpr-transfer", ram=ram, dirty_rate=dirty_rate) as lab:
+    with Lab(Scenario(mode="cpr-transfer", ram=parse_size(ram, "m"), dirty_rate=parse_size(dirty_rate))) as lab:
         result = lab.run()
         assert lab.src is not None and lab.dst is not None
         note("both", "cpr-transfer", f"{result.status}; destination memory verified: {result.guest_verified}")
         note("source", "query-status", lab.src.cmd("query-status")["status"])
-        note("destination", "x-labkit-verify (before)", bool(lab.dst.cmd("x-labkit-verify").get("ok")))
+        note("destination", "x-labkit-verify (before)", bool(lab.dst.runner.verify(lab.dst).get("ok")))
         try:
             lab.src.cmd("cont")
             note("source", "cont", "{} (accepted: the old guest runs again)")
@@ -283,7 +283,7 @@ def cont_after_handoff(ram: str | int = "64M", dirty_rate: str | int = "32M", ru
         note("source", "query-status", lab.src.cmd("query-status")["status"])
         same = _ram0_inode(lab.src) == _ram0_inode(lab.dst)
         note("both", "the same ram0 memfd (inode)?", same)
-        check = lab.dst.cmd("x-labkit-verify")
+        check = lab.dst.runner.verify(lab.dst)
         note("destination", "x-labkit-verify (after)", _verdict(check))
     return pd.DataFrame(rows)
 
@@ -312,7 +312,7 @@ def source_dies_after_handoff(ram: str | int = "64M", dirty_rate: str | int = "1
     def note(who: str, sent: str, seen: Any) -> None:
         rows.append({"step": len(rows) + 1, "to": who, "sent / looked at": sent, "came back": seen})
 
-    with Lab(mode="cpr-transfer", ram=ram, dirty_rate=dirty_rate) as lab:
+    with Lab(Scenario(mode="cpr-transfer", ram=parse_size(ram, "m"), dirty_rate=parse_size(dirty_rate))) as lab:
         for _ in range(4):
             snap = lab.step()
         assert lab.src is not None and lab.dst is not None
@@ -324,7 +324,7 @@ def source_dies_after_handoff(ram: str | int = "64M", dirty_rate: str | int = "1
         note("destination", "still holds guest RAM (same ram0 inode)?", _ram0_inode(lab.dst) == inode)
         note("destination", "query-status", lab.dst.cmd("query-status")["status"])
         note("destination", "query-migrate", lab.dst.cmd("query-migrate").get("status"))
-        note("destination", "x-labkit-verify (the RAM itself)", _verdict(lab.dst.cmd("x-labkit-verify")))
+        note("destination", "x-labkit-verify (the RAM itself)", _verdict(lab.dst.runner.verify(lab.dst)))
         try:
             lab.dst.cmd("cont")
             note("destination", "cont", "{} (it only sets autostart: there is no device state to start from)")
@@ -373,14 +373,14 @@ def cancel_during_hangup_wait(ram: str | int = "64M", dirty_rate: str | int = "1
             time.sleep(0.02)
         note("source", "query-migrate", src.cmd("query-migrate").get("status"))
         note("source", "query-status", src.cmd("query-status")["status"])
-        note("source", "x-labkit-verify", _verdict(src.cmd("x-labkit-verify")))
+        note("source", "x-labkit-verify", _verdict(src.runner.verify(src)))
         note("destination", "query-status", dst.cmd("query-status")["status"])
         note(
             "destination", "holds the source's ram0 memfd (same inode)?", _ram0_inode(dst) == _ram0_inode(src)
         )
         dst.kill()
         note("destination", "SIGKILL (it must never run this guest)", "killed")
-        note("source", "x-labkit-verify", _verdict(src.cmd("x-labkit-verify")))
+        note("source", "x-labkit-verify", _verdict(src.runner.verify(src)))
     finally:
         if dst is not None:
             dst.kill()

@@ -18,7 +18,8 @@ from typing import Any
 from labkit.host.hardware import VMConfig
 from labkit.host.machine import Machine
 from labkit.host.qmp_sync import QMPCommandError
-from labkit.host.runners import get_backend
+from labkit.host.runners import get_runner
+from labkit.lab.progress import MigrationInfo
 from labkit.qemu_syntax import GuestConfig, parse_size
 
 
@@ -96,6 +97,10 @@ class _Client:
         """A poll that does not belong in the transcript (waiting for a status)."""
         return m.cmd(execute, timeout=10)
 
+    def progress(self, m: Machine) -> MigrationInfo:
+        """query-migrate, parsed, as a poll that does not belong in the transcript."""
+        return MigrationInfo.from_qmp(self.quietly(m, "query-migrate"))
+
 
 def _event_names(m: Machine | None) -> list[str]:
     return [] if m is None else [e.get("event", "") for e in m.events if e.get("event") in ("STOP", "RESUME")]
@@ -116,11 +121,11 @@ def step_through_switchover(
     at each: source stopped with device state unsent; device state loaded but guest not resumed; resumed.
     Both processes end before this returns."""
     size = parse_size(ram, "m") if isinstance(ram, str) else ram
-    ops = get_backend(backend)
+    runner = get_runner(backend)
     walk = Walkthrough(backend)
     client = _Client(walk)
     src_cfg = VMConfig(name="source", ram=size, guest=GuestConfig(dirty_rate=parse_size(dirty_rate)))
-    src = Machine(src_cfg, backend)
+    src = Machine(src_cfg, runner)
     dst: Machine | None = None
     main = os.path.join(src.run_dir, "main.sock")
     cpr = os.path.join(src.run_dir, "cpr.sock")
@@ -131,9 +136,7 @@ def step_through_switchover(
         def state(m: Machine | None) -> tuple[str | None, str | None]:
             if m is None or not m.qmp.connected:
                 return None, None
-            return client.quietly(m, "query-status")["status"], client.quietly(m, "query-migrate").get(
-                "status"
-            )
+            return client.quietly(m, "query-status")["status"], client.progress(m).status
 
         (sr, ss), (dr, ds) = state(src), state(dst)
         walk.holds.append(Hold(step, sr, ss, dr, ds, _event_names(src) + _event_names(dst)))
@@ -141,9 +144,7 @@ def step_through_switchover(
     try:
         src.launch(timeout=timeout)
         walk.argv["source"] = list(src.argv)
-        ready = getattr(ops, "ready", None)
-        if ready is not None:
-            ready(src)  # real QEMU: the guest has booted and writes its RAM
+        runner.ready(src)  # real QEMU: the guest has booted and writes its RAM
         caps = [
             {"capability": "events", "state": True},
             {"capability": "pause-before-switchover", "state": True},
@@ -155,7 +156,7 @@ def step_through_switchover(
         dst_cfg = VMConfig(name="destination", ram=size, start_paused=True).with_incoming(
             f"unix:{main}", cpr_channel
         )
-        dst = Machine(dst_cfg, backend, run_dir=None)
+        dst = Machine(dst_cfg, runner)
         dst.launch(connect=False, timeout=timeout)
         walk.argv["destination"] = list(dst.argv)
         _wait("the destination to listen on the cpr channel", lambda: os.path.exists(cpr), timeout)
@@ -166,7 +167,7 @@ def step_through_switchover(
         client.cmd("destination", dst, "migrate-set-capabilities", {"capabilities": caps[:1]})
         _wait(
             "the source to reach pre-switchover",
-            lambda: client.quietly(src, "query-migrate").get("status") in ("pre-switchover", "failed"),
+            lambda: client.progress(src).status in ("pre-switchover", "failed"),
             timeout,
         )
         client.cmd("source", src, "query-migrate")
@@ -175,12 +176,12 @@ def step_through_switchover(
         client.cmd("source", src, "migrate-continue", {"state": "pre-switchover"})
         _wait(
             "the source to complete",
-            lambda: client.quietly(src, "query-migrate").get("status") in ("completed", "failed"),
+            lambda: client.progress(src).status in ("completed", "failed"),
             timeout,
         )
         _wait(
             "the destination to load the device state",
-            lambda: client.quietly(dst, "query-migrate").get("status") in ("completed", "failed"),
+            lambda: client.progress(dst).status in ("completed", "failed"),
             timeout,
         )
         client.cmd("destination", dst, "query-status")
@@ -190,7 +191,7 @@ def step_through_switchover(
         _wait("the RESUME event", lambda: "RESUME" in _event_names(dst), timeout)
         client.cmd("destination", dst, "query-status")
         hold("cont: destination running (RESUME), source in postmigrate")
-        walk.guest_verified = bool(ops.verify(dst).get("ok"))
+        walk.guest_verified = bool(runner.verify(dst).get("ok"))
         client.events("source", src)
         client.events("destination", dst)
     except (TimeoutError, ConnectionError, QMPCommandError, RuntimeError) as e:
@@ -235,12 +236,14 @@ def compare_backends(
     backends: tuple[str, str] = ("emulated", "qemu"),
     **settings,
 ) -> BackendComparison:
-    """Migrate once on each backend with the same mode, RAM and settings (Lab keywords, e.g. dirty_rate=),
+    """Migrate once on each backend with the same mode, RAM and settings (a Scenario's, e.g. dirty_rate=),
     one after the other, and compare their pauses step by step."""
     from labkit.lab.breakdown import compare_steps
     from labkit.lab.engine import migrate
+    from labkit.lab.scenario import Scenario
 
-    results = {b: migrate(backend=b, mode=mode, ram=ram, **settings) for b in backends}
+    scenario = Scenario(mode=mode, ram=ram, **settings)  # type: ignore[arg-type]
+    results = {b: migrate(scenario.with_(backend=b)) for b in backends}
     return BackendComparison(results, compare_steps({b: r.pause_breakdown for b, r in results.items()}))
 
 

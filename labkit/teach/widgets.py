@@ -22,6 +22,7 @@ import ipywidgets as w
 
 from labkit.lab.engine import Lab, Snapshot
 from labkit.lab.report import MappingRow, Result
+from labkit.lab.scenario import Scenario
 from labkit.qemu_syntax import human_size
 
 __all__ = ["Stepper", "lab_arguments", "figure_png"]
@@ -30,29 +31,9 @@ SIDES = ("source", "destination")
 
 
 def lab_arguments(lab: Lab) -> dict[str, Any]:
-    """The keyword arguments that make a Lab like `lab` again (Reset builds a fresh one from them)."""
-    saved = getattr(lab, "kwargs", None)
-    if isinstance(saved, dict):
-        return dict(saved)
-    c = lab.config
-    return {
-        "backend": lab.backend,
-        "mode": lab.mode,
-        "ram": c.ram,
-        "memory_backend": c.memory_backend,
-        "aux_ram_share": c.aux_ram_share,
-        "share": c.share,
-        "dirty_rate": c.guest.dirty_rate,
-        "pattern": c.guest.pattern,
-        "working_set": c.guest.working_set,
-        "downtime_limit": lab.downtime_limit,
-        "max_bandwidth": lab.max_bandwidth,
-        "defer": lab.defer,
-        "warmup": lab.warmup,
-        "seed": c.guest.seed,
-        "events": lab.events_cap,
-        "timeout": lab.timeout,
-    }
+    """The settings that make a Lab like `lab` again, every one of them (prefill, holds, timeout ...):
+    Lab(**lab_arguments(lab)) builds the same Scenario. Reset uses lab.scenario itself."""
+    return lab.scenario.to_dict()
 
 
 def figure_png(fig, dpi: int = 72) -> bytes:
@@ -69,14 +50,14 @@ def _esc(value: object) -> str:
 class Stepper:
     """Step a Lab through its phases from buttons or from code.
 
-    Stepper(lab), Stepper(factory=lambda: Lab(...)) or Stepper(mode="cpr-transfer", ram="256M", ...).
-    Reset closes the current Lab and builds a new one the same way. Call close() (or use it as a context
+    Stepper(lab), Stepper(Scenario(...)), Stepper(factory=lambda: Lab(...)) or Stepper(mode="cpr-transfer",
+    ram="256M", ...). Reset closes the current Lab and builds a new one from the same Scenario (or factory). Call close() (or use it as a context
     manager) so no VM process outlives the notebook.
     """
 
     def __init__(
         self,
-        lab: Lab | None = None,
+        lab: Lab | Scenario | None = None,
         *,
         factory: Callable[[], Lab] | None = None,
         blocks: Sequence[str] | None = None,
@@ -86,9 +67,13 @@ class Stepper:
     ):
         if lab_kwargs and (lab is not None or factory is not None):
             raise TypeError("give a Lab, a factory, or the Lab's keyword arguments, not several")
-        if factory is None:
-            kwargs = lab_arguments(lab) if lab is not None else dict(lab_kwargs)
-            factory = lambda: Lab(**kwargs)  # noqa: E731 - a one-line factory reads best here
+        if isinstance(lab, Scenario):
+            scenario: Scenario | None = lab
+            lab = None
+        else:
+            scenario = lab.scenario if lab is not None else None
+        if factory is None:  # the settings become a Scenario in the Lab, so a refusal shows in the panel
+            factory = lambda: Lab(scenario, **lab_kwargs)  # noqa: E731 - a one-line factory reads best here
         self.factory = factory  # Reset calls it; given a Lab and a factory, the Lab is used first
         self.blocks = tuple(blocks) if blocks else None
         self.figure = figure
@@ -330,7 +315,7 @@ class Stepper:
         if snap is None:
             return ["main channel: 0 B", "cpr channel: 0 B"]
         main, cpr = snap.bytes.get("main") or 0, snap.bytes.get("cpr")
-        uncounted = cpr is None and self.lab is not None and self.lab.backend != "emulated"
+        uncounted = cpr is None and self.lab is not None and not self.lab.runner.has_migration_details
         return [
             f"main channel: {main} B" + (f" ({human_size(main)})" if main >= 1024 else ""),
             "cpr channel: " + ("n/a (real QEMU does not count it)" if uncounted else f"{cpr or 0} B"),

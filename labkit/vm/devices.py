@@ -10,26 +10,42 @@ gives its fields' values, ``load()`` takes them back. The timer, serial and glob
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
+from labkit.errors import LabkitError
 from labkit.vm.guest import Guest
 from labkit.vm.migration.vmstate import VMStateDescription, VMStateField
+from labkit.vm.runstate import RUNNING, RunStateName, parse_runstate
+
+T = TypeVar("T")
 
 PCG64_STATE_BYTES = 16  # numpy's PCG64: a 128-bit state and a 128-bit increment
 
 
-class DeviceError(Exception):
-    pass
+# A device's field values by VMState field name, as save() gives them and load() takes them
+DeviceState = dict[str, Any]
+
+
+class DeviceError(LabkitError):
+    """A device section's values cannot be loaded: the stream is corrupt or has another layout.
+
+    ``section`` is the section's idstr ("timer", "cpu", ...): the incoming side names it in QEMU's error line.
+    """
+
+    def __init__(self, section: str, detail: str = ""):
+        super().__init__(f"{section}: malformed device state" + (f" ({detail})" if detail else ""))
+        self.section = section
 
 
 class Device(Protocol):
     name: str  # QEMU's idstr
     vmsd: VMStateDescription
 
-    def save(self) -> dict: ...
+    def save(self) -> DeviceState: ...
 
-    def load(self, values: dict) -> None: ...
+    def load(self, values: DeviceState) -> None: ...
 
 
 VMSTATE_TIMER = VMStateDescription(
@@ -89,11 +105,12 @@ VMSTATE_GLOBALSTATE = VMStateDescription(
 )
 
 
-def _field(name: str, values: dict, key: str, conv=int):
+def _field(name: str, values: DeviceState, key: str, conv: Callable[[Any], T]) -> T:
+    """values[key] through conv, or the DeviceError naming the section and the field."""
     try:
         return conv(values[key])
     except (KeyError, TypeError, ValueError) as e:
-        raise DeviceError(f"{name}: malformed device state ({key}: {e})") from None
+        raise DeviceError(name, f"{key}: {e}") from None
 
 
 @dataclass
@@ -104,7 +121,7 @@ class CPUDevice:
     name: str = "cpu"
     vmsd: VMStateDescription = VMSTATE_CPU
 
-    def save(self) -> dict:
+    def save(self) -> DeviceState:
         c = self.guest.cpu
         st = self.guest.rng.bit_generator.state
         return {
@@ -117,20 +134,20 @@ class CPUDevice:
             "x-labkit-rng-uinteger": int(st["uinteger"]),
         }
 
-    def load(self, values: dict) -> None:
+    def load(self, values: DeviceState) -> None:
         c = self.guest.cpu
-        c.ticks = _field("cpu", values, "x-labkit-ticks")
-        c.position = _field("cpu", values, "x-labkit-position")
+        c.ticks = _field("cpu", values, "x-labkit-ticks", int)
+        c.position = _field("cpu", values, "x-labkit-position", int)
         c.budget = _field("cpu", values, "x-labkit-budget", float)
-        st = self.guest.rng.bit_generator.state
+        st = dict(self.guest.rng.bit_generator.state)  # numpy types it as a read-only Mapping
         st["state"]["state"] = int.from_bytes(values["x-labkit-rng-state"], "big")
         st["state"]["inc"] = int.from_bytes(values["x-labkit-rng-inc"], "big")
-        st["has_uint32"] = _field("cpu", values, "x-labkit-rng-has-uint32")
-        st["uinteger"] = _field("cpu", values, "x-labkit-rng-uinteger")
+        st["has_uint32"] = _field("cpu", values, "x-labkit-rng-has-uint32", int)
+        st["uinteger"] = _field("cpu", values, "x-labkit-rng-uinteger", int)
         try:
             self.guest.rng.bit_generator.state = st
         except (TypeError, ValueError) as e:
-            raise DeviceError(f"cpu: malformed device state ({e})") from None
+            raise DeviceError("cpu", str(e)) from None
 
 
 @dataclass
@@ -144,13 +161,13 @@ class TimerDevice:
     name: str = "timer"
     vmsd: VMStateDescription = VMSTATE_TIMER
 
-    def save(self) -> dict:
+    def save(self) -> DeviceState:
         return {"cpu_ticks_offset": 0, "unused": bytes(8), "cpu_clock_offset": self.guest.vm_clock_ns}
 
-    def load(self, values: dict) -> None:
-        clock = _field("timer", values, "cpu_clock_offset")
+    def load(self, values: DeviceState) -> None:
+        clock = _field("timer", values, "cpu_clock_offset", int)
         if clock < 0:
-            raise DeviceError(f"timer: malformed device state (cpu_clock_offset {clock})")
+            raise DeviceError("timer", f"cpu_clock_offset {clock}")
         self.guest.vm_clock_ns = clock
 
 
@@ -175,19 +192,19 @@ class SerialDevice:
         if self._fd >= 0:
             os.write(self._fd, (line + "\n").encode())
 
-    def save(self) -> dict:
+    def save(self) -> DeviceState:
         lines = "\n".join(self.guest.console[-50:]).encode()
         return {**self.registers, "serial/x-labkit-console": {"len": len(lines), "lines": lines}}
 
-    def load(self, values: dict) -> None:
+    def load(self, values: DeviceState) -> None:
         for reg in self.REGISTERS:
-            self.registers[reg] = _field("serial", values, reg)
+            self.registers[reg] = _field("serial", values, reg, int)
         console = values.get("serial/x-labkit-console")
         if console is not None:
             try:
                 text = console["lines"].decode()
             except UnicodeDecodeError:
-                raise DeviceError("serial: malformed device state (lines)") from None
+                raise DeviceError("serial", "lines") from None
             self.guest.console[:] = text.split("\n") if text else []
 
     def close(self) -> None:
@@ -200,13 +217,14 @@ class SerialDevice:
 class GlobalState:
     """The run state the source had when it stopped, so the destination knows whether to resume (globalstate).
 
-    QEMU's layout: the run state's name, NUL-terminated in a 32-byte buffer, its length with the NUL."""
+    QEMU's layout: the run state's name, NUL-terminated in a 32-byte buffer, its length with the NUL. A name
+    that is no RunState is refused at load, as global_state_post_load() does."""
 
-    runstate: str = "running"
+    runstate: RunStateName = RUNNING
     name: str = "globalstate"
     vmsd: VMStateDescription = VMSTATE_GLOBALSTATE
 
-    def save(self) -> dict:
+    def save(self) -> DeviceState:
         raw = self.runstate.encode()[:31]
         return {
             "size": len(raw) + 1,
@@ -216,12 +234,16 @@ class GlobalState:
             "unused": bytes(66),
         }
 
-    def load(self, values: dict) -> None:
-        size = _field("globalstate", values, "size")
+    def load(self, values: DeviceState) -> None:
+        size = _field("globalstate", values, "size", int)
         raw = values["runstate"]
         if not 1 <= size <= len(raw) or raw[size - 1] != 0:
-            raise DeviceError("globalstate: malformed device state")
+            raise DeviceError("globalstate")
         try:
-            self.runstate = raw[: size - 1].decode()
+            text = raw[: size - 1].decode()
         except UnicodeDecodeError:
-            raise DeviceError("globalstate: malformed device state") from None
+            raise DeviceError("globalstate") from None
+        state = parse_runstate(text)
+        if state is None:
+            raise DeviceError("globalstate", f"runstate '{text}'")
+        self.runstate = state

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +46,7 @@ class CPUState:
 
     ticks: int = 0
     position: int = 0  # next page of the sequential pattern (relative to the working set)
-    rng_state: dict | None = None
+    rng_state: dict[str, Any] | None = None
     budget: float = 0.0  # bytes owed to the dirty rate, carried between ticks
 
 
@@ -65,7 +67,7 @@ class Guest:
         ws = cfg.working_set if cfg.working_set else block.size
         self.ws_pages = max(1, min(npages - self.data_first, ws // PAGE_SIZE))
         self.console: list[str] = []
-        self.console_sink = None  # a callable(line) set by the serial device
+        self.console_sink: Callable[[str], None] | None = None  # set by the serial device
         self.vm_clock_ns = 0
         self._attach()
         if fresh and self.header[H_MAGIC] != MAGIC:
@@ -178,7 +180,7 @@ class Guest:
             self.console_sink(line)
 
     # -- what a host tool can ask ---------------------------------------------------------------------------
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         h = self.header
         return {
             "ticks": self.cpu.ticks,
@@ -199,7 +201,7 @@ class Guest:
         self.header[H_MAX_GAP_NS] = 0
 
 
-def verify_guest_memory(block: RAMBlock, chunk_pages: int = 16384) -> dict:
+def verify_guest_memory(block: RAMBlock, chunk_pages: int = 16384) -> dict[str, Any]:
     """Check every page of the guest's RAM against the guest's own generation table and checksum.
 
     Works in any process that maps the block; the caller must make sure the vCPU is not writing meanwhile.

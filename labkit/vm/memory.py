@@ -18,10 +18,12 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from labkit.errors import LabkitError
 from labkit.vm.memfd import (
     MEMFD_BACKEND_SEALS,
     MemfdError,
@@ -31,9 +33,9 @@ from labkit.vm.memfd import (
     qemu_memfd_create,
 )
 from labkit.vm.options import MachineOptions
+from labkit.vm.oslib import qemu_prealloc_mem
 
 PAGE_SIZE = 4096
-MADV_POPULATE_WRITE = 23  # linux/mman.h; pre-faults a mapping so the first writes do not fault page by page
 
 RAM_BLOCK_ALIGN = 64 * PAGE_SIZE  # find_ram_offset(): a block starts on a 'long' of the dirty bitmap
 
@@ -83,8 +85,15 @@ CPR_BLOCKER_TEXT = (
 )
 
 
-class MemoryError_(Exception):  # noqa: N801 - not the builtin MemoryError: a start-up error about guest RAM
-    """Guest RAM could not be created as asked (bad backend, wrong fd from the CPR channel, ...)."""
+class RAMBlockError(LabkitError):
+    """A RAM block could not be created as asked (wrong fd from the CPR channel, a backing store too small).
+
+    ``idstr`` names the block, as QEMU's RAMBlock idstr; start-up prints the message and exits with status 1.
+    """
+
+    def __init__(self, idstr: str, message: str):
+        super().__init__(message)
+        self.idstr = idstr
 
 
 @dataclass(eq=False)
@@ -102,10 +111,11 @@ class RAMBlock:
     max_length: int = 0  # what is mapped (and the memfd's size); 0 = the used length
     mr_name: str = ""  # the MemoryRegion's name ("vga.vram" for "0000:00:01.0/vga.vram"); "" = idstr
     readonly: bool = False  # a ROM (info ramblock's RO column)
+    prealloc: bool = False  # its backend has prealloc=on (query-memdev's "prealloc")
     offset: int = 0  # the block's ram_addr_t (find_ram_offset), info ramblock's Offset column
     page_size: int = PAGE_SIZE  # the host pages behind it (qemu_fd_getpagesize): 2 MiB for a hugetlb memfd
     mm: mmap.mmap | None = field(default=None, repr=False)
-    dirty: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    dirty: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8), repr=False)  # sized in _new_block
     dirty_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -221,7 +231,7 @@ def _new_block(
             block.mm = map_backing_store(fd, max_length)
         except MemfdError as e:
             block.close()
-            raise MemoryError_(str(e)) from None
+            raise RAMBlockError(idstr, str(e)) from None
     else:
         block = RAMBlock(idstr, size, "anon", backend, False)
         block.mm = mmap.mmap(
@@ -242,7 +252,7 @@ def _hugetlb_memfd(idstr: str, size: int, hugetlb: tuple[bool, int | None]) -> i
             check_hugetlbsize(hsize)
         return qemu_memfd_create(idstr, size, on, hsize or 0, MEMFD_BACKEND_SEALS)
     except MemfdError as e:
-        raise MemoryError_(str(e)) from None
+        raise RAMBlockError(idstr, str(e)) from None
 
 
 def _adopt_cpr_fd(idstr: str, mr_name: str, fd: int, max_length: int, grow: bool) -> None:
@@ -257,22 +267,14 @@ def _adopt_cpr_fd(idstr: str, mr_name: str, fd: int, max_length: int, grow: bool
     try:
         info = cpr_fd_check(fd)
     except CprError as e:
-        raise MemoryError_(f"cpr fd for RAM block {idstr}: {e}") from None
+        raise RAMBlockError(idstr, f"cpr fd for RAM block {idstr}: {e}") from None
     have = info["size"] or 0
     if have and have < max_length and not grow:
-        raise MemoryError_(BACKING_STORE_TOO_SMALL.format(name=mr_name, size=have, max_length=max_length))
+        raise RAMBlockError(
+            idstr, BACKING_STORE_TOO_SMALL.format(name=mr_name, size=have, max_length=max_length)
+        )
     if have < max_length:
         os.ftruncate(fd, max_length)
-
-
-def populate(block: RAMBlock) -> None:
-    """Fault the whole block in ahead of an incoming stream (MADV_POPULATE_WRITE), where the kernel allows it."""
-    if block.mm is None:
-        return
-    try:
-        block.mm.madvise(MADV_POPULATE_WRITE)
-    except OSError:
-        pass
 
 
 def find_ram_offset(blocks: list[RAMBlock], size: int) -> int:
@@ -312,7 +314,7 @@ class RAMList:
         if block not in self.created:
             self.created.append(block)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[RAMBlock]:
         return iter(self.blocks)
 
     def find(self, idstr: str) -> RAMBlock | None:
@@ -349,6 +351,9 @@ def ram_blocks_create(opts: MachineOptions, cpr_fds: dict[str, int] | None = Non
             shared = obj.share and obj.qom_type != "memory-backend-epc"
             huge = (obj.hugetlb, obj.hugetlbsize) if obj.hugetlb or obj.hugetlbsize is not None else None
             block = _new_block(obj.id, obj.size, obj.qom_type, shared, obj.mem_path, fds, hugetlb=huge)
+            if obj.prealloc:  # qemu_prealloc_mem(): at creation, also for memory adopted over CPR
+                qemu_prealloc_mem(block.mm)
+                block.prealloc = True
             blocks.append(block)
             if obj.id == opts.memory_backend:
                 system = block

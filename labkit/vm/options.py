@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from labkit.errors import LabkitError
 from labkit.qemu_syntax import GUEST_PATTERNS, MEMORY_BACKENDS, GuestConfig, SizeError, parse_size
 
 PROG = "labkit-vm"
@@ -45,12 +46,19 @@ Example:
 """
 
 
-class OptionError(Exception):
-    """A command-line error, printed as one line `labkit-vm: -opt value: what is wrong` and exit status 1."""
+class OptionError(LabkitError):
+    """A command-line error, printed as one line `labkit-vm: -opt value: what is wrong` and exit status 1.
+
+    ``option`` is the option as given (`-m`, `--object`), once parse_args() knows which one it was."""
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option
 
 
-class HelpRequested(Exception):
-    """-h / --help / -help: print USAGE and exit 0, as qemu-system-x86_64 -h does."""
+class HelpRequested(LabkitError):
+    """-h / --help / -help: not a failure, but how parse_args() stops: print USAGE and exit 0, as
+    qemu-system-x86_64 -h does."""
 
 
 def _check_ram_size(size: int) -> None:
@@ -72,6 +80,7 @@ class BackendOptions:
     mem_path: str | None = None
     hugetlb: bool = False  # memory-backend-memfd only: MFD_HUGETLB (labkit.vm.memfd)
     hugetlbsize: int | None = None  # None: not given (the kernel's default huge page size)
+    prealloc: bool = False  # prealloc=on: host_memory_backend_memory_complete() faults every page in
 
 
 @dataclass
@@ -208,13 +217,16 @@ def _object(opts: MachineOptions, value: str) -> None:
     # QEMU's defaults: memory-backend-memfd shares (share=on), the others do not
     share = parse_bool(kv.pop("share"), "share") if "share" in kv else qom_type == "memory-backend-memfd"
     mem_path = kv.pop("mem-path", None)
+    prealloc = parse_bool(kv.pop("prealloc"), "prealloc") if "prealloc" in kv else False
     if qom_type == "memory-backend-file" and not mem_path:
         raise OptionError("mem-path property not set")
     hugetlb, hugetlbsize = _hugetlb(qom_type, kv)
     for key in kv:
         if key not in ("prealloc", "merge", "dump", "reserve", "host-nodes", "policy"):
             raise OptionError(f"Property '{qom_type}.{key}' not found")
-    opts.objects[oid] = BackendOptions(qom_type, oid, size, share, mem_path, hugetlb=hugetlb, hugetlbsize=hugetlbsize)
+    opts.objects[oid] = BackendOptions(
+        qom_type, oid, size, share, mem_path, prealloc=prealloc, hugetlb=hugetlb, hugetlbsize=hugetlbsize
+    )
 
 
 def _hugetlb(qom_type: str, kv: dict[str, str]) -> tuple[bool, int | None]:
@@ -314,7 +326,7 @@ def parse_args(argv: list[str]) -> MachineOptions:
         try:
             _apply(opts, name, value)
         except OptionError as e:
-            raise OptionError(f"{raw} {value}: {e}") from None
+            raise OptionError(f"{raw} {value}: {e}", option=raw) from None
         i += 2
     _finish(opts)
     return opts
@@ -342,7 +354,7 @@ def _apply(opts: MachineOptions, name: str, value: str) -> None:
     elif name == "x-guest":
         _guest(opts, value)
     elif name == "x-hold":
-        from labkit.vm.migration.migration import HOLD_POINTS
+        from labkit.vm.migration.holds import HOLD_POINTS
 
         for point in filter(None, value.split(",")):
             if point not in HOLD_POINTS:

@@ -1,48 +1,147 @@
-"""Run states, with QEMU's names (qapi/run-state.json) and the transitions the lab uses (system/runstate.c).
+"""Run states, with QEMU's names (qapi/run-state.json) and QEMU 10's transition table (system/runstate.c).
 
-`query-status` reports them; STOP and RESUME events mark the edges between running and not running.
+`query-status` reports them; STOP and RESUME events mark the edges between running and not running. The table
+is QEMU's whole runstate_transitions_def, not only the moves the emulator makes, so that a move QEMU would
+abort on fails here too instead of passing unnoticed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final, Literal, get_args
 
-RUNNING = "running"
-PAUSED = "paused"
-PRELAUNCH = "prelaunch"
-INMIGRATE = "inmigrate"
-FINISH_MIGRATE = "finish-migrate"
-POSTMIGRATE = "postmigrate"
-SHUTDOWN = "shutdown"
-RESTORE_VM = "restore-vm"
+from labkit.errors import LabkitError
 
-# runstate_transitions_def, reduced to the states above
-TRANSITIONS: dict[str, set[str]] = {
-    PRELAUNCH: {RUNNING, FINISH_MIGRATE, INMIGRATE, PAUSED, SHUTDOWN},
-    INMIGRATE: {RUNNING, PAUSED, SHUTDOWN, POSTMIGRATE, FINISH_MIGRATE, PRELAUNCH},
-    RUNNING: {PAUSED, FINISH_MIGRATE, SHUTDOWN},
-    PAUSED: {RUNNING, FINISH_MIGRATE, POSTMIGRATE, SHUTDOWN, PRELAUNCH},
-    FINISH_MIGRATE: {RUNNING, PAUSED, POSTMIGRATE, SHUTDOWN},
-    POSTMIGRATE: {RUNNING, FINISH_MIGRATE, PAUSED, SHUTDOWN},
-    SHUTDOWN: {PAUSED, FINISH_MIGRATE, RUNNING},
-    RESTORE_VM: {RUNNING, PAUSED},
+# qapi/run-state.json's RunState, in QEMU's order
+RunStateName = Literal[
+    "debug",
+    "inmigrate",
+    "internal-error",
+    "io-error",
+    "paused",
+    "postmigrate",
+    "prelaunch",
+    "finish-migrate",
+    "restore-vm",
+    "running",
+    "save-vm",
+    "shutdown",
+    "suspended",
+    "watchdog",
+    "guest-panicked",
+    "colo",
+]
+RUN_STATES: Final[tuple[RunStateName, ...]] = get_args(RunStateName)
+
+# The states the emulator enters, as constants (QEMU's RUN_STATE_* names)
+RUNNING: Final = "running"
+PAUSED: Final = "paused"
+PRELAUNCH: Final = "prelaunch"
+INMIGRATE: Final = "inmigrate"
+FINISH_MIGRATE: Final = "finish-migrate"
+POSTMIGRATE: Final = "postmigrate"
+SHUTDOWN: Final = "shutdown"
+RESTORE_VM: Final = "restore-vm"
+
+# runstate_transitions_def (QEMU 10.0): from -> the states it may move to; staying put is always allowed
+TRANSITIONS: Final[dict[RunStateName, frozenset[RunStateName]]] = {
+    "prelaunch": frozenset({"inmigrate", "suspended", "running", "finish-migrate"}),
+    "debug": frozenset({"running", "finish-migrate", "prelaunch", "suspended"}),
+    "inmigrate": frozenset(
+        {
+            "internal-error",
+            "io-error",
+            "paused",
+            "running",
+            "shutdown",
+            "suspended",
+            "watchdog",
+            "guest-panicked",
+            "finish-migrate",
+            "prelaunch",
+            "postmigrate",
+            "colo",
+        }
+    ),
+    "internal-error": frozenset({"paused", "finish-migrate", "prelaunch"}),
+    "io-error": frozenset({"running", "finish-migrate", "prelaunch"}),
+    "paused": frozenset({"running", "finish-migrate", "postmigrate", "prelaunch", "colo", "suspended"}),
+    "postmigrate": frozenset({"running", "finish-migrate", "prelaunch"}),
+    "finish-migrate": frozenset(
+        {
+            "running",
+            "paused",
+            "postmigrate",
+            "prelaunch",
+            "colo",
+            "internal-error",
+            "io-error",
+            "shutdown",
+            "suspended",
+            "watchdog",
+            "guest-panicked",
+        }
+    ),
+    "restore-vm": frozenset({"running", "prelaunch", "suspended"}),
+    "colo": frozenset({"running", "prelaunch", "shutdown"}),
+    "running": frozenset(
+        {
+            "debug",
+            "internal-error",
+            "io-error",
+            "paused",
+            "finish-migrate",
+            "restore-vm",
+            "save-vm",
+            "shutdown",
+            "watchdog",
+            "guest-panicked",
+            "colo",
+            "suspended",
+        }
+    ),
+    "save-vm": frozenset({"running", "suspended"}),
+    "shutdown": frozenset({"paused", "finish-migrate", "prelaunch", "colo"}),
+    "suspended": frozenset(
+        {"running", "finish-migrate", "prelaunch", "colo", "paused", "save-vm", "restore-vm", "shutdown"}
+    ),
+    "watchdog": frozenset({"running", "finish-migrate", "prelaunch", "colo"}),
+    "guest-panicked": frozenset({"running", "finish-migrate", "prelaunch"}),
 }
 
 
-class RunStateError(Exception):
-    pass
+def parse_runstate(name: str) -> RunStateName | None:
+    """qapi_enum_parse() for RunState: the state named ``name``, or None if QEMU has no such state."""
+    for state in RUN_STATES:
+        if state == name:
+            return state
+    return None
+
+
+def transition_allowed(old: RunStateName, new: RunStateName) -> bool:
+    """runstate_set()'s check: staying put is a no-op, any other move must be in QEMU's table."""
+    return new == old or new in TRANSITIONS[old]
+
+
+class RunStateError(LabkitError):
+    """A move QEMU's table does not allow: QEMU aborts on it, so it is a bug in the emulator."""
+
+    def __init__(self, old: RunStateName, new: RunStateName):
+        super().__init__(f"invalid runstate transition: '{old}' -> '{new}'")
+        self.old = old
+        self.new = new
 
 
 class RunState:
     """The current run state and its legal moves; an illegal move is a bug, as QEMU aborts on one."""
 
-    def __init__(self, initial: str):
-        self.state = initial
-        self.on_change: Callable[[str, str], None] | None = None  # (old, new), after each set
+    def __init__(self, initial: RunStateName):
+        self.state: RunStateName = initial
+        self.on_change: Callable[[RunStateName, RunStateName], None] | None = None  # (old, new), after each set
 
-    def set(self, new: str) -> None:
-        if new != self.state and new not in TRANSITIONS.get(self.state, set()):
-            raise RunStateError(f"invalid runstate transition: '{self.state}' -> '{new}'")
+    def set(self, new: RunStateName) -> None:
+        if not transition_allowed(self.state, new):
+            raise RunStateError(self.state, new)
         old, self.state = self.state, new
         if self.on_change is not None:
             self.on_change(old, new)

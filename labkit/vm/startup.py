@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 
-from labkit.vm.memory import MemoryError_, ram_blocks_create
+from labkit.vm.memory import RAMBlockError, ram_blocks_create
 from labkit.vm.migration.channels import parse_incoming_option
-from labkit.vm.migration.cpr import CprError, cpr_state_load, cpr_transfer_input
+from labkit.vm.migration.cpr import CprError, cpr_state_load
 from labkit.vm.migration.cpr_exec import IGNORED_CHANNEL_TEXT, cpr_exec_has_state, cpr_exec_state_load
+from labkit.vm.migration.cpr_transfer import cpr_transfer_input
 from labkit.vm.options import PROG, USAGE, HelpRequested, OptionError, parse_args
 from labkit.vm.vm import VM
 
@@ -28,13 +30,14 @@ def _error(message: str) -> int:
     return 1
 
 
-def cpr_state_load_from_cmdline(raw: str, hold: bool = False):
+def cpr_state_load_from_cmdline(raw: str, hold: bool = False) -> tuple[socket.socket, dict[str, int]]:
     """Block on the cpr channel until the source sends CPR state; return (socket, {name: fd}).
 
     With the lab's "cpr-load" hold, the connection is accepted but nothing is read until SIGUSR1: the fds
     sit in the socket, in flight, for a learner to look at. There is no monitor yet to send a command to.
     """
     _, channel = parse_incoming_option(raw)
+    assert channel is not None  # options kept this value as a cpr channel, never 'defer'
     sock = cpr_transfer_input(channel)
     CPR_MARKS.append(("labkit-cpr-accepted", time.monotonic_ns()))
     if hold:
@@ -84,12 +87,12 @@ def qemu_init(argv: list[str]) -> VM | int:
         cpr_fds = dict(cpr_exec_state.fds)
         if opts.incoming.get("cpr"):
             print(f"{PROG}: warning: {IGNORED_CHANNEL_TEXT}", file=sys.stderr, flush=True)
-    elif opts.incoming.get("cpr"):
+    elif cpr_raw := opts.incoming.get("cpr"):
         hold = "cpr-load" in opts.holds
         if hold:
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # before listening: none can be lost
         try:
-            cpr_sock, cpr_fds = cpr_state_load_from_cmdline(opts.incoming["cpr"], hold)
+            cpr_sock, cpr_fds = cpr_state_load_from_cmdline(cpr_raw, hold)
         except CprError as e:
             # QEMU prints its error as it is (error_fatal); where labkit knows more it says so first, then
             # gives QEMU 10.0.2's own last line for the same bytes
@@ -100,7 +103,7 @@ def qemu_init(argv: list[str]) -> VM | int:
             return _error(str(e))
     try:
         ram = ram_blocks_create(opts, cpr_fds)
-    except (MemoryError_, OSError, ValueError) as e:
+    except (RAMBlockError, OSError, ValueError) as e:
         for held in (cpr_sock, cpr_exec_state):
             if held is not None:
                 held.close()

@@ -13,15 +13,20 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 from labkit import __version__
 from labkit.vm import runstate as rs
-from labkit.vm.devices import CPUDevice, GlobalState, SerialDevice, TimerDevice
+from labkit.vm.devices import CPUDevice, Device, GlobalState, SerialDevice, TimerDevice
 from labkit.vm.guest import VCPU, Guest, verify_guest_memory
 from labkit.vm.memory import RAMList, format_ramblock_info, verify_roms
 from labkit.vm.migration.migration import MigrationState
-from labkit.vm.monitor import Monitor, QMPError
+from labkit.vm.monitor.monitor import Event, Monitor
 from labkit.vm.options import MachineOptions
+from labkit.vm.qapi.error import QMPErrorResponse
+
+# a command's arguments, checked against its schema by the monitor
+QMPArgs = dict[str, Any]
 
 
 class VM:
@@ -36,12 +41,12 @@ class VM:
         self.global_state = GlobalState()
         # QEMU's q35 -nodefaults has a serial port only when -serial gives one; its sections follow QEMU's order
         serial = [self.serial] if opts.serial_file else []
-        self.devices = [TimerDevice(self.guest), CPUDevice(self.guest), *serial, self.global_state]
+        self.devices: list[Device] = [TimerDevice(self.guest), CPUDevice(self.guest), *serial, self.global_state]
         self.runstate = rs.RunState(rs.INMIGRATE if incoming else rs.PRELAUNCH)
         self.autostart = not opts.start_paused
         self.monitor = Monitor(package=f"labkit-vm {__version__}")
         self.last_quiesce_ns: int | None = None
-        self.events: list[dict] = []  # every event this VM emitted, with CLOCK_MONOTONIC ns, for the timeline
+        self.events: list[Event] = []  # every event this VM emitted, with CLOCK_MONOTONIC ns, for the timeline
         self.monitor.add_event_listener(self._record_event)
         self.migration = MigrationState(self)
         self.monitor.hold_events = self._in_switchover
@@ -51,7 +56,7 @@ class VM:
         self._register_commands()
 
     # -- events and run state ------------------------------------------------------------------------------
-    def _record_event(self, ev: dict) -> None:
+    def _record_event(self, ev: Event) -> None:
         self.events.append({**ev, "monotonic-ns": time.monotonic_ns()})
         del self.events[:-10000]
 
@@ -67,11 +72,11 @@ class VM:
             and not mig.caps["pause-before-switchover"]
         )
 
-    def _runstate_changed(self, old: str, new: str) -> None:
+    def _runstate_changed(self, old: rs.RunStateName, new: rs.RunStateName) -> None:
         if old == rs.FINISH_MIGRATE and new != old:
             self.monitor.release_events()
 
-    def emit(self, name: str, data: dict | None = None) -> None:
+    def emit(self, name: str, data: dict[str, Any] | None = None) -> None:
         self.monitor.emit_event(name, data)
 
     def vm_start(self) -> None:
@@ -82,8 +87,9 @@ class VM:
         self.runstate.set(rs.RUNNING)
         self.vcpu.resume()
 
-    def vm_stop(self, new_state: str) -> bool:
-        """do_vm_stop(): quiesce the vCPU, then STOP; returns whether the VM was running."""
+    def vm_stop(self, new_state: rs.RunStateName) -> bool:
+        """vm_stop_force_state(): quiesce the vCPU and STOP if it runs, then enter new_state in any case (as
+        migration does); returns whether the VM was running."""
         was_running = self.runstate.running
         if was_running:
             t0 = time.monotonic_ns()
@@ -118,28 +124,29 @@ class VM:
         )
         self.migration.register_commands(m)
 
-    def qmp_stop(self, args: dict) -> None:
+    def qmp_stop(self, args: QMPArgs) -> None:
         if self.runstate.state == rs.INMIGRATE:
             self.autostart = False  # qmp_stop(): "the VM will not start after migration"
             return
-        self.vm_stop(rs.PAUSED)
+        if self.runstate.running:  # do_vm_stop(): a VM that is not running keeps its state (prelaunch stays
+            self.vm_stop(rs.PAUSED)  # prelaunch, postmigrate stays postmigrate), as QEMU 10.0.2 does here
 
-    def qmp_cont(self, args: dict) -> None:
+    def qmp_cont(self, args: QMPArgs) -> None:
         state = self.runstate.state
         if state == rs.INMIGRATE:
             self.autostart = True
             return
         if self.migration.active():
-            raise QMPError("Migration is not finished: the VM cannot resume while migrating")
+            raise QMPErrorResponse("Migration is not finished: the VM cannot resume while migrating")
         if state != rs.RUNNING:
             self.vm_start()
 
-    def qmp_quit(self, args: dict) -> None:
+    def qmp_quit(self, args: QMPArgs) -> None:
         self.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
         assert self.loop and self.quit_requested
         self.loop.call_soon(self.quit_requested.set)
 
-    def qmp_query_memdev(self, args: dict) -> list[dict]:
+    def qmp_query_memdev(self, args: QMPArgs) -> list[dict[str, Any]]:
         out = []
         for b in self.ram:
             if b.backend.startswith("memory-backend-"):
@@ -149,7 +156,7 @@ class VM:
                         "size": b.size,
                         "merge": False,
                         "dump": True,
-                        "prealloc": False,
+                        "prealloc": b.prealloc,
                         "share": b.shared,
                         "host-nodes": [],
                         "policy": "default",
@@ -157,7 +164,7 @@ class VM:
                 )
         return out
 
-    def qmp_guest_stats(self, args: dict) -> dict:
+    def qmp_guest_stats(self, args: QMPArgs) -> dict[str, Any]:
         stats = self.guest.stats()
         stats["last-stop-quiesce-ns"] = self.last_quiesce_ns
         if args.get("reset-gap"):
@@ -165,7 +172,7 @@ class VM:
                 self.guest.reset_gap()
         return stats
 
-    def qmp_ram_blocks(self, args: dict) -> list[dict]:
+    def qmp_ram_blocks(self, args: QMPArgs) -> list[dict[str, Any]]:
         """The blocks in creation order (CPR fd registration order); x-query-ramblock gives ram_list's."""
         view = []
         for b in self.ram.created:
@@ -190,7 +197,7 @@ class VM:
             )
         return view
 
-    def qmp_verify(self, args: dict) -> dict:
+    def qmp_verify(self, args: QMPArgs) -> dict[str, Any]:
         """Prove guest memory is what the guest wrote; the vCPU holds still meanwhile (a stall the guest sees)."""
         with self.vcpu.lock:
             result = verify_guest_memory(self.ram.system)

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from labkit.vm.migration.channels import unix_listen
+from labkit.vm.migration.qemu_sockets import unix_listen
 
 CHUNK = 1 << 16
 
@@ -61,6 +61,10 @@ def _connect_unix(path: str) -> socket.socket:
     return s
 
 
+class CaptureError(RuntimeError):
+    """The tee could not keep the whole main stream: a harness failure, not a conformance difference."""
+
+
 class MainTee:
     """Accept one source on `path`; forward to `target` (a destination's main socket) or, without one,
     swallow the stream. `start` gates connecting onward. With `pause_at`, `pause_at` bytes in the tee waits
@@ -74,7 +78,8 @@ class MainTee:
         self.start, self.resume = threading.Event(), threading.Event()
         self.paused = threading.Event()  # set once the tee holds at pause_at
         self.data = bytearray()
-        self.error: str | None = None
+        self.error: str | None = None  # the capture itself failed: the bytes are not the whole stream
+        self.forward_error: str | None = None  # only the onward copy to the destination ended early
         self._eof = False
         self._more = threading.Condition()
         self._listener = unix_listen(path)
@@ -139,6 +144,7 @@ class MainTee:
                 pass
 
     def _run(self) -> None:
+        reader = None
         try:
             self._listener.settimeout(60)
             src, _ = self._listener.accept()
@@ -149,22 +155,33 @@ class MainTee:
             if self.target:
                 dst = _connect_unix(self.target)
                 self._conns.append(dst)
-                self._forward(dst)
-            reader.join(120)
+                try:
+                    self._forward(dst)
+                except OSError as e:
+                    # a destination may hang up once it has loaded (real QEMU closes main after EOF, before
+                    # the vmdesc): that ends the forwarding, never the capture of what the source sends
+                    self.forward_error = f"{type(e).__name__}: {e}"
         except OSError as e:
             self.error = f"{type(e).__name__}: {e}"
         finally:
+            if reader is not None:
+                reader.join(120)  # the capture is whole only once the source's side reached EOF
             self.paused.set()
 
-    def close(self) -> bytes:
-        """Stop (releasing any pause) and return every byte the source sent."""
+    def close(self, require_whole: bool = False) -> bytes:
+        """Stop (releasing any pause) and return every byte the source sent. With require_whole (a stream that
+        is compared), a capture cut short is an error of its own (CaptureError), never a difference."""
         self.start.set()
         self.resume.set()
-        self._thread.join(60)
+        self._thread.join(150 if require_whole else 60)
+        if require_whole and self.error is None and (self._thread.is_alive() or not self._eof):
+            self.error = "the source's stream did not reach its end within 150 s"
         for s in (*self._conns, self._listener):
             s.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+        if require_whole and self.error is not None:
+            raise CaptureError(f"main stream capture cut short after {len(self.data)} bytes: {self.error}")
         return bytes(self.data)
 
 

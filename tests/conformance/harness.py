@@ -30,7 +30,8 @@ from labkit.host.runners import get_backend
 from labkit.host.runners.qemu import parse_ramblocks, qemu_argv
 from labkit.host.runners.qemu_trace import strip_msg_timestamps
 from labkit.qemu_syntax import GiB, KiB, MiB, format_size
-from labkit.vm.migration.cpr import CprFd, cpr_inspect, cpr_state_save
+from labkit.vm.migration.cpr import CprFd, cpr_state_save
+from labkit.vm.migration.cpr_inspect import cpr_inspect
 
 from .capture import CprSink, MainTee, wait_listening
 from .sections import describe, section_list
@@ -73,7 +74,7 @@ class Run:
         """Start a VM. seabios=True runs real QEMU with its default firmware (the argv a user types, with
         QEMU's own pc.bios); otherwise the qemu backend boots qboot, which starts the guest in ~1 s."""
         os.makedirs(self.path(config.name), mode=0o700)
-        m = Machine(config, self.backend, run_dir=self.path(config.name))
+        m = Machine(config, self.ops, run_dir=self.path(config.name))
         if self.backend == "qemu" and seabios:
             m.argv = qemu_argv(config, m.qmp_path, bios=None)
         self._closers.append(m.kill)
@@ -262,7 +263,7 @@ def scenario_normal(run: Run) -> Observation:
     wait_status(src, FINAL)
     finish_source(obs, run, src, since)
     finish_destination(obs, run, dst)
-    stream_checks(obs, tee.close())
+    stream_checks(obs, tee.close(require_whole=True))
     return obs
 
 
@@ -290,7 +291,7 @@ def scenario_cpr_transfer(run: Run) -> Observation:
     finish_destination(obs, run, dst)
     s, d = block_inodes(src), block_inodes(dst)
     obs.checks["destination.blocks-on-source-inode"] = sorted(n for n in d if n in s and d[n] == s[n])
-    stream_checks(obs, tee.close())
+    stream_checks(obs, tee.close(require_whole=True))
     return obs
 
 

@@ -1,52 +1,50 @@
-"""Backends: what program runs a VM, and how the lab reads what QEMU itself has no command for.
+"""Runners: what program runs a VM, and how the lab reads what QEMU itself has no command for.
 
 "emulated" is labkit-vm; "qemu" is qemu-system-x86_64 10.x with the tiny guest. Both take the same VMConfig
-and the same QMP; the few things real QEMU cannot answer over QMP (guest statistics, guest memory verification,
-where each RAM block is mapped, events on the host's monotonic clock) go through a BackendOps object.
+and the same QMP; what differs (holds, event history, guest statistics, memory verification, where each RAM
+block is mapped) is the Runner interface (base.py), with capability flags a caller asks instead of a name.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
+
+from labkit.host.machine import Machine
+from labkit.host.runners.base import Runner, RunnerError
 
 if TYPE_CHECKING:
     from labkit.host.hardware import VMConfig
-    from labkit.host.machine import Machine
 
 BACKENDS = ("emulated", "qemu")
+BackendOps = Runner  # the name before runners had one interface
+
+__all__ = ["BACKENDS", "Runner", "RunnerError", "get_runner", "get_backend", "spawn"]
 
 
-class BackendOps(Protocol):
-    name: str
-
-    def argv(self, config: VMConfig, qmp_path: str) -> list[str]: ...
-
-    def guest_stats(self, m: Machine) -> dict:
-        """At least heartbeat-seq, max-gap-ns (None when unknown, with "max-gap-why"), bytes-written."""
-
-    def reset_gap(self, m: Machine) -> None: ...
-
-    def verify(self, m: Machine) -> dict:
-        """{"ok": bool, ...}: guest memory is exactly what the guest wrote."""
-
-    def ram_blocks(self, m: Machine) -> list[dict]:
-        """[{"name", "size", "host-addr"}] for each RAM block mapped by the process."""
-
-    def events(self, m: Machine) -> list[dict]:
-        """Every QMP event the VM emitted, each with "monotonic-ns" on the host's CLOCK_MONOTONIC."""
-
-    def checkpoints(self, m: Machine) -> list[dict]:
-        """QEMU's trace points the VM passed ({"name", "monotonic-ns", "kind", "detail"}): kind "checkpoint"
-        for the downtime checkpoints and the main channel's connect/accept, "trace" for the others."""
-
-
-def get_backend(name: str) -> BackendOps:
+def get_runner(name: str | Runner) -> Runner:
+    """The runner for a backend name ("emulated" or "qemu"); a Runner is returned as it is."""
+    if isinstance(name, Runner):
+        return name
     if name == "emulated":
-        from labkit.host.runners.emulated import EmulatedOps
+        from labkit.host.runners.emulated import EmulatedRunner
 
-        return EmulatedOps()
+        return EmulatedRunner()
     if name == "qemu":
-        from labkit.host.runners.qemu import QemuOps
+        from labkit.host.runners.qemu import QemuRunner
 
-        return QemuOps()
-    raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+        return QemuRunner()
+    raise RunnerError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+
+
+get_backend = get_runner
+
+
+def spawn(
+    config: VMConfig,
+    backend: str | Runner = "emulated",
+    connect: bool = True,
+    run_dir: str | None = None,
+    timeout: float = 30.0,
+) -> Machine:
+    """Start one VM and return its Machine (connected to QMP unless connect=False)."""
+    return Machine(config, get_runner(backend), run_dir).launch(connect=connect, timeout=timeout)

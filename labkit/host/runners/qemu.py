@@ -14,12 +14,14 @@ import os
 import re
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import labkit.host.runners.qemu_guest as qg
 from labkit.host.hardware import VMConfig
 from labkit.host.procfs import read_fds, read_maps
-from labkit.host.runners import qemu_guest as qg
+from labkit.host.runners.base import Runner
 from labkit.host.runners.qemu_trace import (
     SOCKET_CHECKPOINTS,
     TRACE_LOG,
@@ -32,11 +34,22 @@ if TYPE_CHECKING:
     from labkit.host.machine import Machine
 
 QEMU_MIN_VERSION = (10, 0, 0)
+QEMU_CPR_EXEC_VERSION = (10, 2, 0)
 QBOOT = "/usr/share/qemu/qboot.rom"
 BOOT_TIMEOUT = 60.0  # SeaBIOS alone takes 5-12 s under a nested KVM; qboot about 1 s
 
 
 # ------------------------------------------------------------------------------------------ availability
+
+
+def qemu_cpr_exec_refusal() -> str:
+    """Why real QEMU here cannot run cpr-exec (one line naming the version needed)."""
+    binary = qg.qemu_binary()
+    version = qg.qemu_version(binary) if binary else None
+    if version is None or version < QEMU_CPR_EXEC_VERSION:
+        have = "not installed" if binary is None else f"{binary} is version {'.'.join(map(str, version or ()))}"
+        return f"cpr-exec needs QEMU 10.2 or later ({have})"
+    return "cpr-exec on the qemu backend is not implemented: labkit follows QEMU 10.2's source in the emulator"
 
 
 def qemu_missing() -> str | None:
@@ -82,7 +95,7 @@ def qemu_argv(
     accel: str | None = None,
     bios: str | None = None,
     binary: str | None = None,
-    guest: str | os.PathLike | None = None,
+    guest: str | os.PathLike[str] | None = None,
     trace_log: str | None = None,
 ) -> list[str]:
     """Real QEMU's command line for a VMConfig: the options both backends share (config.common_argv), an
@@ -119,7 +132,7 @@ def _wall_minus_monotonic() -> int:
 _OFFSET_NS: int | None = None
 
 
-def wall_to_monotonic_ns(timestamp: dict) -> int:
+def wall_to_monotonic_ns(timestamp: dict[str, Any]) -> int:
     """A QMP event timestamp (wall clock, seconds + microseconds) on the host's CLOCK_MONOTONIC.
 
     The offset between the two clocks is sampled once per process, so every converted event shares it and
@@ -146,7 +159,7 @@ _RAMBLOCK_LINE = re.compile(
 )
 
 
-def parse_ramblocks(text: str) -> list[dict]:
+def parse_ramblocks(text: str) -> list[dict[str, Any]]:
     """Rows of x-query-ramblock (HMP `info ramblock`): name, used size, host virtual address, read-only."""
     out = []
     for line in text.splitlines():
@@ -196,8 +209,10 @@ class _Baseline:
     gap_count: int
 
 
-class QemuOps:
-    """BackendOps for real QEMU: everything read from outside the process."""
+class QemuRunner(Runner):
+    """The runner for real QEMU: everything QMP does not answer is read from outside the process. It holds a
+    migration only where QEMU does (pause-before-switchover, -S), keeps no event history of its own, and has
+    no x-labkit-* command."""
 
     name = "qemu"
 
@@ -211,16 +226,23 @@ class QemuOps:
         self.accel = accel
         self.bios = bios if bios is not None else default_bios()
         self.boot_timeout = boot_timeout
-        self.trace = trace
+        self.tracing = trace  # write QEMU's trace log (checkpoints() reads it)
         self._baselines: dict[int, _Baseline] = {}  # by the guest's boot_tsc: one guest, either process
+
+    def refusal(self, mode: str) -> str | None:
+        return qemu_cpr_exec_refusal() if mode == "cpr-exec" else None
+
+    def version(self) -> str | None:
+        found = qg.qemu_version()
+        return None if found is None else ".".join(map(str, found))
 
     def argv(self, config: VMConfig, qmp_path: str) -> list[str]:
         # the trace log lives in the VM's run dir, beside its QMP socket, and goes when the run dir goes
-        trace_log = os.path.join(os.path.dirname(qmp_path), TRACE_LOG) if self.trace else None
+        trace_log = os.path.join(os.path.dirname(qmp_path), TRACE_LOG) if self.tracing else None
         return qemu_argv(config, qmp_path, accel=self.accel, bios=self.bios, trace_log=trace_log)
 
     # -- finding guest RAM ---------------------------------------------------------------------------------
-    def ram_blocks(self, m: Machine) -> list[dict]:
+    def ram_blocks(self, m: Machine) -> list[dict[str, Any]]:
         """QEMU's own block list (x-query-ramblock) with each block's mapping from /proc/PID/maps; falls back
         to the memfd mappings alone (guest RAM's memfd is named after its backend type, not its id)."""
         maps = read_maps(m.pid)
@@ -296,7 +318,7 @@ class QemuOps:
             time.sleep(0.01)
 
     # -- the guest's view ----------------------------------------------------------------------------------
-    def guest_stats(self, m: Machine) -> dict:
+    def guest_stats(self, m: Machine) -> dict[str, Any]:
         """The emulator's keys, from the heartbeat page. max-gap-ns is the longest gap between two page
         writes since reset_gap (the guest's own TSC), or None with "max-gap-why" when the guest cannot see
         the pause: under TCG (its TSC stops with the VM). A paced guest counts a stall inside its pacing wait too."""
@@ -306,7 +328,7 @@ class QemuOps:
         ns = (lambda tsc: tsc * 1_000_000 // hb.tsc_khz) if hb.tsc_khz else (lambda tsc: None)
         base = self._baselines.get(hb.boot_tsc)
         gap_tsc, exact = self._max_gap_since(hb, base)
-        stats = {
+        stats: dict[str, Any] = {
             "heartbeat-seq": hb.seq,
             "max-gap-ns": ns(gap_tsc) if gap_tsc is not None else None,
             "bytes-written": hb.seq * qg.PAGE_SIZE,
@@ -356,7 +378,7 @@ class QemuOps:
         hb = self.wait_booted(m)
         self._baselines[hb.boot_tsc] = _Baseline(hb.seq, hb.gap_count)
 
-    def verify(self, m: Machine) -> dict:
+    def verify(self, m: Machine) -> dict[str, Any]:
         """Check every patterned page of guest RAM with the guest held still, the way the emulator's
         x-labkit-verify holds its vCPU: the whole QEMU process is frozen (SIGSTOP) rather than stopped
         over QMP, so no STOP/RESUME events and no runstate change enter the record; the guest, whose TSC
@@ -390,12 +412,12 @@ class QemuOps:
         return res
 
     # -- events --------------------------------------------------------------------------------------------
-    def events(self, m: Machine) -> list[dict]:
+    def events(self, m: Machine) -> list[dict[str, Any]]:
         """The events this client saw since it connected (QEMU keeps no history of its own), each with
         "monotonic-ns" converted from its wall-clock timestamp."""
         return [{**e, "monotonic-ns": wall_to_monotonic_ns(e["timestamp"])} for e in list(m.events)]
 
-    def checkpoints(self, m: Machine) -> list[dict]:
+    def checkpoints(self, m: Machine) -> list[dict[str, Any]]:
         """QEMU's own trace points from the VM's trace log, on CLOCK_MONOTONIC: each downtime checkpoint
         under its own name ("src-vm-stopped", ...) and the main channel's connect/accept as kind
         "checkpoint"; every other traced event (cpr_*, per-section vmstate_downtime_save/load) as kind
@@ -427,7 +449,7 @@ def _all_threads_stopped(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def frozen(pid: int, timeout: float = 10.0):
+def frozen(pid: int, timeout: float = 10.0) -> Iterator[None]:
     """Hold every thread of a process still (SIGSTOP ... SIGCONT), waiting until all of them have stopped."""
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -441,7 +463,7 @@ def frozen(pid: int, timeout: float = 10.0):
         os.kill(pid, signal.SIGCONT)
 
 
-def _settle_heartbeat(pid: int, read, tries: int = 50) -> None:
+def _settle_heartbeat(pid: int, read: Callable[[], qg.Heartbeat], tries: int = 50) -> None:
     """Frozen in the middle of a heartbeat update (its seqlock odd)? Let it run a moment and freeze again,
     so that the heartbeat names exactly which pass each page must hold."""
     for _ in range(tries):
@@ -484,4 +506,7 @@ def _copy_to_memfd(ram: GuestRamAccess, chunk: int = 16 << 20) -> int:
 
 def memfd_inodes(pid: int) -> dict[str, int]:
     """{memfd name: inode} of a process's open memfds (QEMU's guest RAM is "memory-backend-memfd")."""
-    return {f.memfd_name: f.inode for f in read_fds(pid) if f.kind == "memfd" and f.memfd_name}
+    return {f.memfd_name: f.inode for f in read_fds(pid) if f.kind == "memfd" and f.memfd_name and f.inode}
+
+
+QemuOps = QemuRunner  # the name before runners had one interface

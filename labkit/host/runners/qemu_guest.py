@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,10 +63,11 @@ PATTERN_MUL_GEN = 0x85EBCA77
 PATTERN_MUL_IDX = 0x01000193
 HEARTBEAT_ADDR = 0x1FF000
 HEARTBEAT_MAGIC = 0x42484B4C
-HEARTBEAT_VERSION = 1
+HEARTBEAT_VERSION = 2
 HEARTBEAT_RANGES = 4
 HEARTBEAT_GAP_SLOTS = 16
-HEARTBEAT_SIZE = 0x328
+HEARTBEAT_SIZE = 0x330
+HEARTBEAT_PROGRESS_OFF = 0x328  # u64 progress_bytes: bytes written since boot, read alone (no seqlock)
 _HB_HEAD = struct.Struct("<4I7Q2IQ4I")  # magic .. reserved0, 0x000-0x068
 _HB_RANGE = struct.Struct("<2Q")
 _HB_GAP = struct.Struct("<3Q")
@@ -194,8 +196,9 @@ def build_guest(cache_dir: Path | None = None, src_dir: Path | None = None, forc
     out = cache_dir / f"guest-{_sources_hash(src_dir)}.elf"
     if out.is_file() and not force:
         return out
-    tools = {t: shutil.which(t) for t in ("gcc", "ld", "objcopy")}
-    absent = [t for t, p in tools.items() if not p]
+    found = {t: shutil.which(t) for t in ("gcc", "ld", "objcopy")}
+    absent = [t for t, p in found.items() if not p]
+    tools = {t: p for t, p in found.items() if p}
     if absent:
         raise GuestBuildError(
             f"cannot build the labkit guest: {', '.join(absent)} not found; install gcc and binutils "
@@ -278,7 +281,7 @@ def q35_below_4g(ram_size: int) -> int:
 class _GuestRam:
     """A read-only shared mapping of a guest RAM memfd, addressed by guest-physical address."""
 
-    def __init__(self, memfd: str | int | os.PathLike, size: int | None = None, below_4g: int | None = None):
+    def __init__(self, memfd: str | int | os.PathLike[str], size: int | None = None, below_4g: int | None = None):
         if isinstance(memfd, int):
             fd = os.dup(memfd)
         else:
@@ -329,6 +332,7 @@ class Heartbeat:
     ranges: list[tuple[int, int]] = field(default_factory=list)
     gaps: list[tuple[int, int, int]] = field(default_factory=list)  # (end_tsc, gap_tsc, seq), oldest first
     cmdline: str = ""
+    progress_bytes: int = 0  # bytes written since boot (version 2), what the progress sampler reads
 
     @property
     def valid(self) -> bool:
@@ -360,6 +364,8 @@ def _parse_heartbeat(buf: bytes) -> Heartbeat:
         first = count % HEARTBEAT_GAP_SLOTS
         hb.gaps = slots[first:] + slots[:first]
     hb.cmdline = buf[_HB_CMDLINE_OFF : _HB_CMDLINE_OFF + 256].split(b"\0", 1)[0].decode(errors="replace")
+    if len(buf) >= HEARTBEAT_PROGRESS_OFF + 8:
+        hb.progress_bytes = struct.unpack_from("<Q", buf, HEARTBEAT_PROGRESS_OFF)[0]
     return hb
 
 
@@ -375,7 +381,7 @@ def _read_heartbeat_ram(ram: _GuestRam, tries: int = 1000) -> Heartbeat:
 
 
 def read_heartbeat(
-    memfd: str | int | os.PathLike, size: int | None = None, below_4g: int | None = None
+    memfd: str | int | os.PathLike[str], size: int | None = None, below_4g: int | None = None
 ) -> Heartbeat:
     """Read the heartbeat page through a guest RAM memfd (a path such as /proc/PID/fd/N, or an fd),
     retrying while the guest's seqlock shows an update in progress."""
@@ -384,7 +390,7 @@ def read_heartbeat(
 
 
 def wait_for_heartbeat(
-    memfd: str | int | os.PathLike,
+    memfd: str | int | os.PathLike[str],
     timeout: float = 60.0,
     min_seq: int = 1,
     min_passes: int = 0,
@@ -410,7 +416,9 @@ def _check_pages(words: np.ndarray, pfns: np.ndarray) -> tuple[np.ndarray, np.nd
     """(ok, untouched, generation) per page of `words` (n x 1024 uint32) expected to hold `pfns`."""
     hdr_pfn = words[:, 0].astype(np.uint64) | (words[:, 1].astype(np.uint64) << np.uint64(32))
     gen = words[:, 2]
-    seed = (hdr_pfn.astype(np.uint32) * np.uint32(PATTERN_MUL_PFN)) + gen * np.uint32(PATTERN_MUL_GEN)
+    seed = (hdr_pfn.astype(np.uint32) * np.uint32(PATTERN_MUL_PFN)) + (gen * np.uint32(PATTERN_MUL_GEN)).astype(
+        np.uint32
+    )
     body_ok = (words[:, PAGE_HEADER_WORDS:] == (seed[:, None] ^ _IDX_MUL[None, :])).all(axis=1)
     ok = body_ok & (hdr_pfn == pfns) & (gen > 0)
     untouched = ~ok & ~words.any(axis=1)
@@ -418,14 +426,14 @@ def _check_pages(words: np.ndarray, pfns: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def verify_guest_memory(
-    memfd: str | int | os.PathLike,
+    memfd: str | int | os.PathLike[str],
     size: int | None = None,
     *,
     below_4g: int | None = None,
     stopped: bool = False,
     chunk_pages: int = 4096,
     retries: int = 3,
-) -> dict:
+) -> dict[str, Any]:
     """Check every patterned page of the guest's RAM through its memfd.
 
     Returns counts: `ok` (pattern intact, names its own page), `bad`, `untouched` (not yet written: all
@@ -438,8 +446,9 @@ def verify_guest_memory(
         hb = _read_heartbeat_ram(ram)
         if not hb.valid:
             raise ValueError(f"no labkit guest heartbeat at {HEARTBEAT_ADDR:#x} (magic {hb.magic:#x})")
-        res = {"ok": 0, "bad": 0, "untouched": 0, "in_progress": 0, "stale": 0, "pages": 0}
-        gen_min, gen_max = None, 0
+        res: dict[str, Any] = {"ok": 0, "bad": 0, "untouched": 0, "in_progress": 0, "stale": 0, "pages": 0}
+        gen_min: int | None = None
+        gen_max = 0
         bad_pfns: list[int] = []
         for start, end in hb.ranges:
             for c0 in range(start, end, chunk_pages):

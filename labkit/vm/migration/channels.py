@@ -1,4 +1,4 @@
-"""QEMU's MigrationChannel: parse every way QEMU 10 accepts a migration address, and open it.
+"""QEMU's MigrationChannel: parse every way QEMU 10 accepts a migration address (opening one: qemu_sockets.py).
 
 A migration has up to two *channels*: ``main`` (the migration stream) and, for cpr-transfer, ``cpr``
 (the CPR state with its file descriptors, see ``cpr.py``).  QEMU accepts them in three spellings,
@@ -29,16 +29,15 @@ qapi/qobject-input-visitor.c (error texts), util/keyval.c.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import ipaddress
+import builtins
 import json
 import os
 import re
 import socket
-import stat
 from dataclasses import dataclass, field
 from typing import Any
+
+from labkit.errors import LabkitError
 
 __all__ = [
     "MigrationAddress",
@@ -52,9 +51,6 @@ __all__ = [
     "channel_to_json",
     "channel_to_uri",
     "channel_to_incoming_arg",
-    "migration_connect",
-    "migration_listen",
-    "open_incoming_file",
 ]
 
 CHANNEL_TYPES = ("main", "cpr")  # QAPI enum MigrationChannelType (10.0)
@@ -63,8 +59,9 @@ SOCKET_TYPES = ("inet", "unix", "vsock", "fd")  # QAPI enum SocketAddressType
 DEFAULT_INET_HOST = "127.0.0.1"  # labkit policy: listeners never bind all interfaces by default
 
 
-class MigrationChannelError(ValueError):
-    """A migration address QEMU would refuse; ``str(err)`` is QEMU's error text."""
+class MigrationChannelError(LabkitError, ValueError):
+    """A migration address QEMU would refuse; ``str(err)`` is QEMU's error text (a ValueError too, like any
+    bad QMP argument)."""
 
 
 @dataclass
@@ -81,11 +78,11 @@ class MigrationAddress:
     host: str | None = None
     port: str | None = None
     str: str | None = None
-    filename: str | None = None
+    filename: builtins.str | None = None
     offset: int = 0
-    cid: str | None = None
-    args: list[str] | None = None
-    options: dict[str, Any] = field(default_factory=dict)  # optional socket flags (ipv4, abstract, ...)
+    cid: builtins.str | None = None
+    args: list[builtins.str] | None = None
+    options: dict[builtins.str, Any] = field(default_factory=dict)  # optional socket flags (ipv4, abstract, ...)
 
     @property
     def port_number(self) -> int:
@@ -93,7 +90,7 @@ class MigrationAddress:
         assert self.port is not None
         return int(self.port) if self.port.isdigit() else socket.getservbyname(self.port, "tcp")
 
-    def describe(self) -> str:
+    def describe(self) -> builtins.str:
         """A short human label, e.g. ``unix:/run/x.sock``."""
         return channel_to_uri(MigrationChannel("main", self)) or json.dumps(_address_to_json(self))
 
@@ -300,7 +297,7 @@ class _Visitor:
             self.check_scalar_keyval(value, full)
             if value not in ("on", "off"):
                 raise MigrationChannelError(f"Parameter '{full}' expects 'on' or 'off'")
-            return value == "on"
+            return bool(value == "on")
         if not isinstance(value, bool):
             raise MigrationChannelError(f"Invalid parameter type for '{full}', expected: boolean")
         return value
@@ -451,7 +448,8 @@ def _keyval_parse(params: str, implied_key: str | None) -> dict[str, Any]:
         if isinstance(cur.get(frags[-1]), dict):
             raise MigrationChannelError(f"Parameters '{key}.*' used inconsistently")
         cur[frags[-1]] = "".join(value)
-    return _keyval_listify(root, "")
+    parsed: dict[str, Any] = _keyval_listify(root, "")
+    return parsed
 
 
 def _keyval_listify(d: dict[str, Any], key: str) -> Any:
@@ -563,175 +561,3 @@ def channel_to_incoming_arg(ch: MigrationChannel) -> str:
         if uri is not None:
             return uri
     return json.dumps(channel_to_json(ch), separators=(",", ":"))
-
-
-# --------------------------------------------------------------------------------------------
-# Opening channels
-
-
-def _unix_sockaddr_check(path: str) -> None:
-    if len(os.fsencode(path)) >= 108:  # sizeof(sun_path) incl. NUL
-        raise MigrationChannelError(f"UNIX socket path '{path}' is too long")
-
-
-def _unsupported(addr: MigrationAddress) -> MigrationChannelError:
-    what = addr.transport if addr.transport != "socket" else f"socket type {addr.type}"
-    return MigrationChannelError(f"labkit does not support the {what} migration transport")
-
-
-def migration_connect(ch: MigrationChannel, timeout: float | None) -> socket.socket | io.RawIOBase:
-    """Source side of a main channel: connect a unix/inet socket, or open a file for writing.
-
-    Error texts follow util/qemu-sockets.c (``Failed to connect to '%s'``) and migration/file.c.
-    """
-    a = ch.addr
-    if a.transport == "socket" and a.type == "unix":
-        assert a.path is not None
-        _unix_sockaddr_check(a.path)
-        try:
-            return unix_connect(a.path, timeout)
-        except OSError as err:
-            raise MigrationChannelError(
-                f"Failed to connect to '{a.path}': {os.strerror(err.errno or 110)}"
-            ) from None
-    if a.transport == "socket" and a.type == "inet":
-        try:
-            sock = socket.create_connection((a.host or DEFAULT_INET_HOST, a.port_number), timeout=timeout)
-        except OSError as err:
-            reason = os.strerror(err.errno) if err.errno else str(err)
-            raise MigrationChannelError(f"Failed to connect to '{a.host}:{a.port}': {reason}") from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-    if a.transport == "socket" and a.type == "fd":
-        return _socket_from_fd_str(a.str or "")
-    if a.transport == "file":
-        assert a.filename is not None
-        try:
-            fd = os.open(a.filename, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
-        except OSError as err:
-            raise MigrationChannelError(f"Unable to open {a.filename}: {os.strerror(err.errno)}") from None
-        # migration/file.c: keep what precedes the offset, drop anything after it, write from there.
-        try:
-            os.ftruncate(fd, a.offset)
-        except OSError as err:
-            os.close(fd)
-            raise MigrationChannelError(
-                f"failed to truncate migration file to offset {a.offset:x}: {os.strerror(err.errno)}"
-            ) from None
-        os.lseek(fd, a.offset, os.SEEK_SET)
-        return io.FileIO(fd, "wb", closefd=True)
-    raise _unsupported(a)
-
-
-def _socket_from_fd_str(fdstr: str) -> socket.socket:
-    """util/qemu-sockets.c ``socket_get_fd`` without a monitor: the string must be an fd number."""
-    if not re.fullmatch(r"-?[0-9]+", fdstr):
-        raise MigrationChannelError(f"Unable to parse FD number {fdstr}: {os.strerror(22)}")
-    fd = int(fdstr)
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError as err:
-        raise MigrationChannelError(
-            f"File descriptor '{fdstr}' is not valid: {os.strerror(err.errno)}"
-        ) from None
-    if not stat.S_ISSOCK(mode):
-        raise MigrationChannelError(f"File descriptor '{fdstr}' is not a socket")
-    return socket.socket(fileno=fd)
-
-
-def unix_connect(path: str, timeout: float | None) -> socket.socket:
-    """A connected unix stream socket (blocking once connected); OSError as connect(2) gives it."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        sock.connect(path)
-    except OSError:
-        sock.close()
-        raise
-    sock.settimeout(None)
-    return sock
-
-
-def unix_listen(path: str, backlog: int = 1) -> socket.socket:
-    """A listening unix socket at `path`, mode 0600, that appears only once it listens.
-
-    The socket is bound under a temporary name beside `path`, made 0600 before it can be reached, put to
-    listen, then renamed into place: a client that sees the path can connect at once (no window between
-    bind and listen where it would be refused), and never through a wider mode. A stale socket file at
-    `path` is replaced, as QEMU's unix_listen_saddr removes it.
-    """
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        os.fchmod(sock.fileno(), 0o600)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        sock.bind(tmp)
-        os.chmod(tmp, 0o600)
-        sock.listen(backlog)
-        os.replace(tmp, path)
-    except OSError:
-        sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return sock
-
-
-def migration_listen(ch: MigrationChannel) -> socket.socket | None:
-    """Destination side of a main channel: a listening unix (mode 0600) or inet socket.
-
-    Inet listeners bind only the host given (127.0.0.1 when empty); a port of 0 is bound as given
-    (whether that is allowed is the caller's policy).  ``file`` returns None: the stream is read on
-    demand with :func:`open_incoming_file`.
-    """
-    a = ch.addr
-    if a.transport == "file":
-        return None
-    if a.transport == "socket" and a.type == "unix":
-        assert a.path is not None
-        _unix_sockaddr_check(a.path)
-        try:
-            return unix_listen(a.path)
-        except OSError as err:
-            raise MigrationChannelError(
-                f"Failed to bind socket to {a.path}: {os.strerror(err.errno or 22)}"
-            ) from None
-    if a.transport == "socket" and a.type == "inet":
-        host = a.host or DEFAULT_INET_HOST
-        try:
-            family = (
-                socket.AF_INET6
-                if isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
-                else socket.AF_INET
-            )
-        except ValueError:
-            family = socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, a.port_number))
-            sock.listen(1)
-        except OSError as err:
-            sock.close()
-            raise MigrationChannelError(f"Failed to bind socket: {os.strerror(err.errno or 22)}") from None
-        return sock
-    if a.transport == "socket" and a.type == "fd":
-        sock = _socket_from_fd_str(a.str or "")
-        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            sock.listen(1)
-        return sock
-    raise _unsupported(a)
-
-
-def open_incoming_file(ch: MigrationChannel) -> io.RawIOBase:
-    """Open a ``file`` channel for reading, positioned at its offset (migration/file.c)."""
-    a = ch.addr
-    if a.transport != "file" or a.filename is None:
-        raise MigrationChannelError("open_incoming_file needs a channel of transport file")
-    try:
-        f = io.FileIO(a.filename, "rb")
-    except OSError as err:
-        raise MigrationChannelError(f"Unable to open {a.filename}: {os.strerror(err.errno)}") from None
-    f.seek(a.offset)
-    return f

@@ -1,4 +1,4 @@
-"""CPR state: how cpr-transfer hands guest RAM (as memfd file descriptors) to the new QEMU.
+"""CPR state (QEMU's migration/cpr.c): how cpr-transfer hands guest RAM (as memfd file descriptors) to the new QEMU.
 
 In cpr-transfer the old QEMU does not copy guest RAM at all.  Every RAM block lives in a memfd, and
 before the main migration starts, old QEMU sends those *file descriptors* to new QEMU over a UNIX
@@ -35,7 +35,8 @@ fd that arrives, and ``qemu_file_get_fd`` reads one byte and pops the first queu
 
 After sending, the source half-closes the socket (``shutdown(SHUT_WR)``) and waits for the
 destination to close its end (a HUP): that is the destination's signal "I am listening on the
-main channel now".  That handshake is the caller's business; this module only moves the bytes.
+main channel now".  That handshake, and opening the cpr channel, are cpr_transfer.py's; this module only
+moves the bytes (``labkit cpr-inspect`` decodes them: cpr_inspect.py).
 
 Checked against qemu/qemu with the code search: migration/cpr.c (``cpr_save_fd``,
 ``vmstate_cpr_fd``/``vmstate_cpr_state``, ``cpr_state_save``/``cpr_state_load`` and their messages
@@ -56,13 +57,12 @@ import os
 import socket
 import stat
 import struct
-import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any
 
-from labkit.vm.migration.channels import MigrationAddress, MigrationChannel, unix_connect, unix_listen
+from labkit.errors import LabkitError
 
 __all__ = [
     "QEMU_CPR_FILE_MAGIC",
@@ -73,11 +73,6 @@ __all__ = [
     "cpr_state_save",
     "cpr_state_load",
     "cpr_fd_check",
-    "cpr_transfer_output",
-    "cpr_transfer_input",
-    "cpr_inspect",
-    "cpr_inspect_listen",
-    "format_cpr_inspect",
     "describe_fd",
 ]
 
@@ -97,7 +92,7 @@ class CprFd:
     fd: int
 
 
-class CprError(Exception):
+class CprError(LabkitError):
     """CPR state could not be saved/loaded; the message is what QEMU would print (and then exit).
 
     Where labkit's message says more than QEMU's, ``qemu_line`` is the last line QEMU 10.0.2 prints for
@@ -121,7 +116,7 @@ class CprAddressError(CprError, ValueError):
 # Saving (source)
 
 
-def _encode_name(name: str) -> bytes:
+def cpr_fd_name(name: str) -> bytes:
     raw = name.encode("utf-8", "surrogateescape")
     if b"\0" in raw:
         raise ValueError(f"cpr fd name {name!r} contains a NUL byte")
@@ -140,7 +135,7 @@ def cpr_state_save(sock: socket.socket, fds: list[CprFd]) -> int:
     sent = 0
     try:
         for entry in fds:
-            name = _encode_name(entry.name)
+            name = cpr_fd_name(entry.name)
             out += b"\x01" + struct.pack(">I", len(name)) + name + struct.pack(">i", entry.id)
             # qemu_file_put_fd: flush first so the fd's byte keeps its place in the stream ...
             sock.sendall(out, socket.MSG_NOSIGNAL)
@@ -266,7 +261,7 @@ class _StreamSource:
         self.queue.clear()
 
 
-class _BytesSource:
+class BytesSource:
     """The same reader over captured bytes (no fds): used by :func:`cpr_inspect`."""
 
     def __init__(self, data: bytes) -> None:
@@ -300,8 +295,8 @@ class _BytesSource:
 Field = Callable[[int, int, str, Any], None]  # (offset, size, field name, value)
 
 
-def _cpr_parse(
-    src: _StreamSource | _BytesSource, *, max_name: int, on_field: Field | None = None
+def cpr_state_parse(
+    src: _StreamSource | BytesSource, *, max_name: int, on_field: Field | None = None
 ) -> list[CprFd]:
     """Decode MAGIC, VERSION and the CprState list from ``src`` (QEMU's ``cpr_state_load``)."""
 
@@ -336,7 +331,7 @@ def _cpr_parse(
             )
         raise
     try:
-        return _cpr_parse_list(src, max_name, note)
+        return cpr_parse_list(src, max_name, note)
     except CprLimitError:
         raise
     except CprError as e:
@@ -344,8 +339,8 @@ def _cpr_parse(
         raise
 
 
-def _cpr_parse_list(
-    src: _StreamSource | _BytesSource, max_name: int, note: Field
+def cpr_parse_list(
+    src: _StreamSource | BytesSource, max_name: int, note: Field
 ) -> list[CprFd]:
     """vmstate_cpr_state's one field: the QLIST of cpr fds."""
     out: list[CprFd] = []
@@ -382,12 +377,12 @@ def _cpr_parse_list(
     return out
 
 
-def _load(
+def cpr_state_receive(
     sock: socket.socket, max_fds: int, max_name: int, max_bytes: int
 ) -> tuple[list[CprFd], _StreamSource]:
     src = _StreamSource(sock, max_fds, max_bytes)
     try:
-        entries = _cpr_parse(src, max_name=max_name)
+        entries = cpr_state_parse(src, max_name=max_name)
     except BaseException:
         src.close_all()
         raise
@@ -409,7 +404,7 @@ def cpr_state_load(
     in QEMU's words where QEMU has them.  The socket is left open: closing it is the destination's
     signal to the source (see the module docstring).  A socket timeout set by the caller applies.
     """
-    entries, _ = _load(sock, max_fds, max_name, max_bytes)
+    entries, _ = cpr_state_receive(sock, max_fds, max_name, max_bytes)
     return entries
 
 
@@ -463,248 +458,3 @@ def cpr_fd_check(fd: int, *, name: str | None = None, allow_file: bool = False) 
         article = "an" if what[0] in "aeiou" else "a"
         raise CprError(f"{label} is {article} {what} ({info['target']}), expected {wanted}")
     return info
-
-
-# --------------------------------------------------------------------------------------------
-# The cpr channel (migration/cpr-transfer.c)
-
-
-def _addr(channel: MigrationChannel | MigrationAddress) -> MigrationAddress:
-    return channel.addr if isinstance(channel, MigrationChannel) else channel
-
-
-def cpr_transfer_output(
-    channel: MigrationChannel | MigrationAddress, timeout: float | None = None
-) -> socket.socket:
-    """Source side: connect to the destination's cpr socket (only ``socket``/``unix`` is allowed)."""
-    a = _addr(channel)
-    if a.transport != "socket" or a.type != "unix" or not a.path:
-        raise CprAddressError("bad cpr channel address; must be unix")
-    if len(os.fsencode(a.path)) >= 108:
-        raise CprError(f"UNIX socket path '{a.path}' is too long")
-    try:
-        sock = unix_connect(a.path, timeout)
-    except OSError as err:
-        reason = os.strerror(err.errno) if err.errno else "Connection timed out"
-        raise CprError(f"Failed to connect to '{a.path}': {reason}") from None
-    return sock
-
-
-def _listen_cleanup(listener: socket.socket, path: str | None) -> None:
-    """Close a listening socket and remove its socket file, as QEMU's socket_listen_cleanup does.
-
-    The path is passed in: the socket was bound under a temporary name and renamed (channels.unix_listen),
-    so getsockname() no longer names the file; a pre-opened listener (type=fd) is still asked."""
-    if path is None:
-        try:
-            name = listener.getsockname()
-            path = name if isinstance(name, str) and name else None
-        except OSError:
-            path = None
-    listener.close()
-    if path:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-
-
-def _cpr_listener(a: MigrationAddress) -> socket.socket:
-    if a.type == "unix":
-        assert a.path is not None
-        if len(os.fsencode(a.path)) >= 108:
-            raise CprError(f"UNIX socket path '{a.path}' is too long")
-        try:
-            return unix_listen(a.path)  # 0600, and listening before the path appears
-        except OSError as err:
-            raise CprError(f"Failed to bind socket to {a.path}: {err.strerror}") from None
-    # type=fd: a listening socket the parent pre-opened and passed by number (QEMU's qtest does this).
-    fdstr = a.str or ""
-    if not fdstr.lstrip("-").isdigit():
-        raise CprError(f"Unable to parse FD number {fdstr}: Invalid argument")
-    try:
-        st = os.fstat(int(fdstr))
-    except OSError as err:
-        raise CprError(f"File descriptor '{fdstr}' is not valid: {err.strerror}") from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise CprError(f"File descriptor '{fdstr}' is not a socket")
-    listener = socket.socket(fileno=int(fdstr))
-    if not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        listener.listen(1)
-    return listener
-
-
-def cpr_transfer_input(
-    channel: MigrationChannel | MigrationAddress, timeout: float | None = None
-) -> socket.socket:
-    """Destination side: listen on the cpr channel (unix path, mode 0600, or a pre-opened listening
-    fd), accept exactly one connection and close the listener.  QEMU blocks here forever before its
-    monitor exists; ``timeout`` (seconds) is labkit's escape hatch."""
-    a = _addr(channel)
-    if a.transport != "socket" or a.type not in ("unix", "fd"):
-        raise CprAddressError("bad cpr channel socket type; must be unix")
-    listener = _cpr_listener(a)
-    try:
-        listener.settimeout(timeout)
-        conn, _ = listener.accept()
-    except TimeoutError:
-        where = a.path if a.type == "unix" else f"fd {a.str}"
-        raise CprError(
-            f"timed out after {timeout} s waiting for the source on the cpr channel {where}"
-        ) from None
-    finally:
-        _listen_cleanup(listener, a.path if a.type == "unix" else None)
-    conn.settimeout(None)
-    return conn
-
-
-# --------------------------------------------------------------------------------------------
-# Teaching: decode a captured stream (labkit cpr-inspect)
-
-_FIELD_NOTES = {
-    "magic": lambda v: f"0x{v:08x} ('QCPR')" if v == QEMU_CPR_FILE_MAGIC else f"0x{v:08x} (bad magic)",
-    "version": lambda v: f"{v}",
-    "marker": lambda v: "1: a CprFd follows" if v else "0: end of the fd list",
-}
-
-
-def cpr_inspect(data: bytes, nfds: int | None = None) -> dict[str, Any]:
-    """Decode captured CPR state bytes field by field, for teaching.
-
-    Returns ``{"length", "fields": [{"offset", "size", "field", "value", "hex"}...], "fds":
-    [{"name", "id", "offset", "fd_offset"}...], "complete", "error", "trailing", "nfds",
-    "fds_match"}``.  ``nfds`` is how many fds arrived with the bytes, if known.
-    """
-    fields: list[dict[str, Any]] = []
-
-    def on_field(offset: int, size: int, name: str, value: Any) -> None:
-        fields.append(
-            {
-                "offset": offset,
-                "size": size,
-                "field": name,
-                "value": value,
-                "hex": data[offset : offset + size].hex(" "),
-            }
-        )
-
-    src = _BytesSource(bytes(data))
-    error = None
-    entries: list[CprFd] = []
-    try:
-        entries = _cpr_parse(src, max_name=1 << 20, on_field=on_field)
-    except CprError as err:
-        error = str(err)
-    fds = []
-    for f in fields:
-        if f["field"].endswith(".namelen"):
-            fds.append({"offset": f["offset"] - 1})
-        elif f["field"].endswith(".name"):
-            fds[-1]["name"] = f["value"]
-        elif f["field"].endswith(".id"):
-            fds[-1]["id"] = f["value"]
-        elif f["field"].endswith(".fd"):
-            fds[-1]["fd_offset"] = f["offset"]
-    complete = error is None
-    return {
-        "length": len(data),
-        "fields": fields,
-        "fds": fds,
-        "count": len(entries),
-        "complete": complete,
-        "error": error,
-        "trailing": len(data) - src.offset if complete else 0,
-        "nfds": nfds,
-        "fds_match": None if nfds is None or not complete else nfds == len(entries),
-    }
-
-
-def _format_size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << (shift - 4)) == 0:
-            return f"{n / (1 << shift):g} {unit}"
-    return f"{n} B"
-
-
-def format_cpr_inspect(report: dict[str, Any], fd_info: list[dict[str, Any]] | None = None) -> str:
-    """Render :func:`cpr_inspect`'s report (plus optional :func:`describe_fd` results) as text."""
-    lines = [
-        f"CPR state: {report['length']} bytes"
-        + (f", {report['nfds']} fds" if report["nfds"] is not None else "")
-    ]
-    lines.append(f"{'offset':>6}  {'size':>4}  {'field':<18} {'bytes':<24} value")
-    for f in report["fields"]:
-        note = _FIELD_NOTES.get(f["field"])
-        value = note(f["value"]) if note else repr(f["value"]) if isinstance(f["value"], str) else f["value"]
-        if f["field"].endswith(".fd"):
-            value = "' ' + SCM_RIGHTS" + ("" if f["value"] is None else f" -> fd {f['value']}")
-        hexs = f["hex"] if len(f["hex"]) <= 24 else f["hex"][:20] + " ..."
-        lines.append(f"{f['offset']:>6}  {f['size']:>4}  {f['field']:<18} {hexs:<24} {value}")
-    if report["error"]:
-        lines.append(f"error: {report['error']}")
-    if report["trailing"]:
-        lines.append(f"{report['trailing']} trailing bytes after the end of the list")
-    for i, info in enumerate(fd_info or []):
-        entry = report["fds"][i] if i < len(report["fds"]) else {}
-        lines.append(
-            f"fd[{i}] {entry.get('name', '?')!r} id {entry.get('id', '?')}: {info['kind']} {info['target']}, "
-            f"inode {info['inode']}, size {_format_size(info['size'])}"
-        )
-    return "\n".join(lines)
-
-
-def cpr_inspect_listen(
-    path: str, *, timeout: float | None = None, file: TextIO | None = sys.stdout
-) -> dict[str, Any]:
-    """Listen on ``path`` like a destination QEMU, receive one CPR state, print what came.
-
-    For each fd it prints what /proc says (memfd name, inode, size), then closes the fds and the
-    connection (which also tells a waiting source "go ahead").  Returns the report with
-    ``"fd_info"`` added.
-    """
-    conn = cpr_transfer_input(MigrationAddress("socket", "unix", path=path), timeout=timeout)
-    try:
-        conn.settimeout(timeout)
-        entries, src = _load(conn, 64, 4096, 1 << 20)
-    finally:
-        conn.close()
-    try:
-        fd_info = [describe_fd(e.fd) for e in entries]
-    finally:
-        for e in entries:
-            os.close(e.fd)
-    report = cpr_inspect(bytes(src.raw), nfds=len(src.received))
-    report["fd_info"] = fd_info
-    if file is not None:
-        print(format_cpr_inspect(report, fd_info), file=file)
-    return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``labkit cpr-inspect PATH [--timeout S]`` (also ``python -m labkit.vm.migration.cpr``).
-
-    Point a source's cpr channel at PATH: the tool plays destination for the CPR state only,
-    prints it, and closes the connection (so a real source then fails to connect its main channel).
-    """
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="cpr-inspect", description="Receive one CPR state on a unix socket and show what it holds."
-    )
-    parser.add_argument("path", help="unix socket path to listen on (the source's cpr channel path)")
-    parser.add_argument("timeout_pos", nargs="?", type=float, help=argparse.SUPPRESS)
-    parser.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
-    args = parser.parse_args(argv)
-    timeout = args.timeout if args.timeout is not None else args.timeout_pos
-    try:
-        cpr_inspect_listen(args.path, timeout=timeout)
-    except CprError as err:
-        print(f"cpr-inspect: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

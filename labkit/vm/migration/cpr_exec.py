@@ -33,6 +33,8 @@ Checked against qemu/qemu with the code search: migration/cpr-exec.c (``CPR_EXEC
 ``cpr_exec_persist_state``, ``cpr_exec_output``/``cpr_exec_input``, ``cpr_exec_cb``, ``cpr_exec_notifier``),
 migration/cpr.c (``cpr_state_save``/``cpr_state_load``), migration/vmstate-types.c (``put_fd``/``get_fd``),
 migration/migration.c (``migrate_prepare``) and docs/devel/migration/CPR.rst.
+
+CprExecMigration, at the end, is the phase as a mixin of migration.MigrationState: both programs' sides.
 """
 
 from __future__ import annotations
@@ -46,15 +48,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from labkit.vm import T_ENTERED_NS
 from labkit.vm.migration.cpr import (
     QEMU_CPR_FILE_MAGIC,
     QEMU_CPR_FILE_VERSION,
+    BytesSource,
     CprError,
     CprFd,
-    _BytesSource,
-    _cpr_parse,
-    _encode_name,
+    cpr_fd_name,
+    cpr_state_parse,
 )
+from labkit.vm.migration.state import MigrationStateBase
 
 CPR_EXEC_STATE_NAME = "QEMU_CPR_EXEC_STATE"  # the memfd's name and the environment variable's
 # Lab-only: the old program's final query-migrate, events and checkpoints, so that the new program (same PID,
@@ -77,7 +81,7 @@ def cpr_exec_state_save(fds: Iterable[CprFd]) -> tuple[int, int]:
     """
     out = bytearray(struct.pack(">II", QEMU_CPR_FILE_MAGIC, QEMU_CPR_FILE_VERSION))
     for entry in fds:
-        name = _encode_name(entry.name)
+        name = cpr_fd_name(entry.name)
         out += b"\x01" + struct.pack(">I", len(name)) + name + struct.pack(">ii", entry.id, entry.fd)
     out += b"\x00"
     mfd = os.memfd_create(CPR_EXEC_STATE_NAME, os.MFD_CLOEXEC)
@@ -140,10 +144,11 @@ def cpr_exec_has_state() -> bool:
     return CPR_EXEC_STATE_NAME in os.environ
 
 
-class _FdNumberSource(_BytesSource):
+class _FdNumberSource(BytesSource):
     """The state memfd's bytes, read as QEMU's get_fd reads them in cpr-exec mode: the fd is a be32 number."""
 
-    def take_fd(self, what: str) -> int:  # type: ignore[override]
+    def take_fd(self, what: str) -> int:
+        fd: int
         (fd,) = struct.unpack(">i", self.read(4, f"the fd number of {what}"))
         return fd
 
@@ -179,7 +184,7 @@ def cpr_exec_state_load() -> CprExecState:
             data += chunk
     except (ValueError, OSError) as err:
         raise CprError(f"{CPR_EXEC_STATE_NAME}={val!r}: cannot read the CPR state memfd ({err})") from None
-    entries = _cpr_parse(_FdNumberSource(data), max_name=4096)
+    entries = cpr_state_parse(_FdNumberSource(data), max_name=4096)
     os.set_inheritable(mfd, False)
     by_name: dict[str, int] = {}
     for e in entries:
@@ -192,3 +197,64 @@ def cpr_exec_state_load() -> CprExecState:
     except ValueError:
         record = {}
     return CprExecState(mfd, by_name, record, t_loaded_ns=time.monotonic_ns())
+
+
+class CprExecMigration(MigrationStateBase):
+    """cpr-exec on both sides of the exec (QEMU 10.2): the old program saves CPR state to a memfd, completes
+    the migration, then exec's the new one; the new program adopts the state at start-up."""
+
+    # -- source (the old program) -------------------------------------------------------------------------
+    def cpr_exec_state_save(self) -> None:
+        """cpr_state_save() for cpr-exec: the RAM fds' names and numbers into the QEMU_CPR_EXEC_STATE memfd."""
+        fds = [CprFd(name, 0, fd) for name, fd in reversed(self.vm.ram.cpr_fds())]
+        _, self.cpr_exec_state_bytes = cpr_exec_state_save(fds)  # the module function, not this method
+        self.qmp_migrate_finish()
+
+    def cpr_exec_migration_thread(self) -> None:
+        """The migration, then the notifiers: PRECOPY_DONE exec's the new program, PRECOPY_FAILED drops the state."""
+        self.migration_thread()
+        if self.status != "completed":
+            cpr_exec_unpersist_state()
+            return
+        self.hold("cpr-exec")
+        if self._closing:  # `quit` while held: the old program ends, nothing is exec'd
+            cpr_exec_unpersist_state()
+            return
+        # A bottom half, as QEMU schedules it: on the loop, after the `migrate` reply and the events queued
+        # before it have gone out (exec'ing from this thread could cut them off).
+        assert self.vm.loop is not None  # the VM runs its loop before any migration starts
+        self.vm.loop.call_soon_threadsafe(self.cpr_exec_cb)
+
+    def cpr_exec_cb(self) -> None:
+        """cpr_exec_cb(): exec the new program; returns only if execvp failed, and then recovers as QEMU does."""
+        self.checkpoint("cpr-exec")
+        t0 = int(self.t_start * 1e9) if self.t_start else 0
+        pre_exec = {
+            "pid": os.getpid(),
+            "runstate": self.vm.runstate.state,
+            "query-migrate": self.qmp_query_migrate({}),
+            "x-labkit-query-migrate": self.qmp_labkit_query_migrate({}),
+            "checkpoints": self.checkpoint_list(),
+            "events": [e for e in self.vm.events if e.get("monotonic-ns", 0) >= t0 - 1_000_000][-500:],
+            "cpr-exec-state-bytes": self.cpr_exec_state_bytes,
+        }
+        fds = [fd for _, fd in self.vm.ram.cpr_fds()]
+        error = cpr_exec(list(self.params["cpr-exec-command"]), fds, pre_exec)
+        print(f"labkit-vm: {error}", file=sys.stderr, flush=True)  # error_report_err()
+        self.error_desc = error
+        self._set_status("failed")  # "we can go from state COMPLETED to FAILED"
+        cpr_exec_unpersist_state()
+        if self.vm_was_running:
+            self.vm.vm_start()
+
+    # -- destination (the new program) --------------------------------------------------------------------
+    def incoming_cpr_exec(self, state: CprExecState) -> None:
+        """The new program found CPR state left by cpr-exec: RAM is adopted; keep the memfd until incoming."""
+        self.cpr_in = state  # closed by cpr_state_close() when the incoming migration starts, as the socket is
+        self.incoming_mode = "cpr-exec"
+        self.pre_exec = state.pre_exec
+        self.checkpoints += [
+            ("dst-exec-entered", T_ENTERED_NS),
+            ("dst-cpr-state-loaded", state.t_loaded_ns),
+            ("dst-ram-mapped", state.t_mapped_ns),
+        ]

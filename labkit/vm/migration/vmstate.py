@@ -16,6 +16,9 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+from labkit.errors import LabkitError
 
 QEMU_VM_SUBSECTION = 0x05
 
@@ -65,8 +68,13 @@ def q35_savevm_handlers(serial: bool) -> list[tuple[str, int, int | None]]:
     return [h for h in Q35_SAVEVM_HANDLERS if serial or h[0] != "serial"]
 
 
-class VMStateError(Exception):
-    """A device section does not match the layout this side knows."""
+class VMStateError(LabkitError):
+    """A device section does not match the layout this side knows; ``vmsd_name`` names the description
+    (the device or subsection) whose fields it broke."""
+
+    def __init__(self, message: str, vmsd_name: str):
+        super().__init__(message)
+        self.vmsd_name = vmsd_name
 
 
 @dataclass(frozen=True)
@@ -94,7 +102,7 @@ _INT = {"int8": ">b", "int16": ">h", "int32": ">i", "int64": ">q", "uint8": ">B"
 _INT |= {"uint32": ">I", "uint64": ">Q", "bool": ">?", "float64": ">d"}
 
 
-def _field_bytes(fd: VMStateField, value) -> bytes:
+def _field_bytes(fd: VMStateField, value: Any) -> bytes:
     if fd.type in _INT:
         return struct.pack(_INT[fd.type], value)
     raw = bytes(value)
@@ -103,11 +111,11 @@ def _field_bytes(fd: VMStateField, value) -> bytes:
     return raw
 
 
-def vmstate_save_state(put: Callable[[bytes], None], vmsd: VMStateDescription, values: dict) -> dict:
+def vmstate_save_state(put: Callable[[bytes], None], vmsd: VMStateDescription, values: dict[str, Any]) -> dict[str, Any]:
     """Write ``values`` in ``vmsd``'s layout; subsections go out when ``values`` has them (their ``needed``).
 
     Returns the section's vmdesc entry, with each field's size as written (as QEMU's vmsd_desc_field_end)."""
-    desc: dict = {"vmsd_name": vmsd.name, "version": vmsd.version_id, "fields": []}
+    desc: dict[str, Any] = {"vmsd_name": vmsd.name, "version": vmsd.version_id, "fields": []}
     for fd in vmsd.fields:
         raw = _field_bytes(fd, values[fd.name])
         put(raw)
@@ -125,20 +133,22 @@ def vmstate_save_state(put: Callable[[bytes], None], vmsd: VMStateDescription, v
 
 def vmstate_load_state(
     get: Callable[[int], bytes], peek: Callable[[int], bytes], vmsd: VMStateDescription, version_id: int
-) -> dict:
+) -> dict[str, Any]:
     """Read a section in ``vmsd``'s layout (vmstate_load_state(), then vmstate_subsection_load())."""
     if version_id > vmsd.version_id:
         raise VMStateError(
-            f"{vmsd.name}: incoming version_id {version_id} is too new (max {vmsd.version_id})"
+            f"{vmsd.name}: incoming version_id {version_id} is too new (max {vmsd.version_id})", vmsd.name
         )
-    out: dict = {}
+    out: dict[str, Any] = {}
     for fd in vmsd.fields:
         if fd.type in _INT:
             (out[fd.name],) = struct.unpack(_INT[fd.type], get(struct.calcsize(_INT[fd.type])))
             continue
         size = fd.size if fd.size_field is None else out[fd.size_field]
         if size > vmsd.max_vbuffer:
-            raise VMStateError(f"{vmsd.name}: field {fd.name} length {size} exceeds {vmsd.max_vbuffer}")
+            raise VMStateError(
+                f"{vmsd.name}: field {fd.name} length {size} exceeds {vmsd.max_vbuffer}", vmsd.name
+            )
         out[fd.name] = get(size)
     while peek(1)[0] == QEMU_VM_SUBSECTION:
         head = peek(2)
@@ -147,14 +157,14 @@ def vmstate_load_state(
             break  # a subsection of an enclosing description
         sub = next((s for s in vmsd.subsections if s.name == name), None)
         if sub is None:
-            raise VMStateError(f"{vmsd.name}: subsection {name} not found")  # vmstate_subsection_load()
+            raise VMStateError(f"{vmsd.name}: subsection {name} not found", vmsd.name)  # vmstate_subsection_load()
         get(2 + head[1])
         (sub_version,) = struct.unpack(">I", get(4))
         out[name] = vmstate_load_state(get, peek, sub, sub_version)
     return out
 
 
-def vmdesc_section_size(desc: dict) -> int:
+def vmdesc_section_size(desc: dict[str, Any]) -> int:
     """Bytes of one section's payload as its vmdesc entry describes it (fields, then subsections).
 
     A field with ``array_len`` is a compressed array: its entry describes one element (QEMU describes only the
@@ -171,14 +181,34 @@ def vmdesc_section_size(desc: dict) -> int:
 class VMDesc:
     """QEMU's vmdesc JSON: the configuration, the page size and every device section's fields."""
 
-    configuration: dict | None = None
+    configuration: dict[str, Any] | None = None
     page_size: int = 4096
-    devices: list[dict] = field(default_factory=list)
+    devices: list[dict[str, Any]] = field(default_factory=list)
 
-    def to_json(self) -> dict:
-        out: dict = {}
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         if self.configuration is not None:
             out["configuration"] = self.configuration
         out["page_size"] = self.page_size
         out["devices"] = self.devices
         return out
+
+
+@dataclass
+class SaveVMState:
+    """What savevm.c keeps in its global ``savevm_state``: registered handlers, the open RAM section, vmdesc."""
+
+    section_ids: dict[tuple[str, int], int] = field(default_factory=dict)
+    ram_blocks: dict[str, int] = field(default_factory=dict)  # name -> used length
+    ram_section: int | None = None  # QEMU_VM_SECTION_PART / _END while one is open
+    last_sent_block: str | None = None
+    ram_started: bool = False
+    vmdesc: VMDesc = field(default_factory=VMDesc)
+
+    def register(self, idstr: str, instance_id: int) -> int:
+        """register_savevm_live()/vmstate_register(): the next section id, at registration, as QEMU's."""
+        return self.section_ids.setdefault((idstr, instance_id), len(self.section_ids))
+
+    def section_id(self, idstr: str, instance_id: int) -> int:
+        """The id the handler got when registered (one not in the machine's list registers now, last)."""
+        return self.register(idstr, instance_id)

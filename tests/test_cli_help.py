@@ -24,7 +24,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 def test_no_arguments_prints_help_with_every_command(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    for command in ("doctor", "migrate", "demo", "bench", "cpr-inspect", "vm", "lab", "--version"):
+    for command in ("doctor", "migrate", "demo", "bench", "cpr-inspect", "vm", "lab", "hugepages", "--version"):
         assert command in out
 
 

@@ -8,6 +8,7 @@ import socket
 import sys
 
 from labkit import __version__
+from labkit.host.hugepages import HugePagePool, read_pools
 from labkit.host.runners.qemu_guest import kvm_usable, qemu_binary, qemu_version
 
 
@@ -50,8 +51,19 @@ def doctor() -> dict:
         "qemu-version": ".".join(map(str, qver)) if qver else None,
         "qemu-cpr-transfer": bool(qver and qver >= (10, 0, 0)),
         "root": os.geteuid() == 0,
+        "hugepages": [p.to_dict() for p in read_pools()],
         "python-executable": sys.executable,
     }
+
+
+def _pools_line(pools: list[dict[str, int]]) -> str:
+    """The huge page pools on one line: a --hugetlb guest needs free pages of its size here."""
+    if not pools:
+        return "none (this kernel has no hugetlbfs: --hugetlb cannot run)"
+    shown = "; ".join(HugePagePool.from_dict(p).describe() for p in pools)
+    if any(p["available"] for p in pools):
+        return shown
+    return f"{shown} (labkit hugepages --reserve SIZE sets one, as root)"
 
 
 def format_doctor(r: dict) -> str:
@@ -77,5 +89,6 @@ def format_doctor(r: dict) -> str:
         f"  root               : {yn(r['root'])}"
         + ("" if r["root"] else " (physical frame numbers in /proc/PID/pagemap read as 0 without root)")
     )
+    lines.append(f"  huge pages         : {_pools_line(r['hugepages'])}")
     lines.append("  emulated backend   : always available (labkit-vm: real processes, memfds, QMP)")
     return "\n".join(lines)

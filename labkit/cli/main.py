@@ -1,4 +1,4 @@
-"""`labkit`: doctor | migrate | demo | bench | cpr-inspect | stream-inspect | vm | lab.
+"""`labkit`: doctor | migrate | demo | bench | cpr-inspect | stream-inspect | vm | lab | hugepages.
 
 Every failure a user can cause ends in one line on stderr and exit status 1, never a traceback
 (LABKIT_DEBUG=1 shows the traceback of an unexpected one).
@@ -72,6 +72,9 @@ def _migration_args(p: argparse.ArgumentParser) -> None:
         help="share= of the memory backend (default: the backend's own, on for memfd, off for ram/file)",
     )
     p.add_argument("--aux-ram-share", default="on", choices=["on", "off"])
+    p.add_argument(
+        "--hugetlb", default=None, metavar="SIZE", help="huge page size for guest RAM (2M): a hugetlb memfd"
+    )
     p.add_argument("--dirty-rate", default="0", type=_size, help="bytes/s the guest writes (e.g. 256M)")
     p.add_argument("--pattern", default="sequential", choices=["sequential", "random", "hotset"])
     p.add_argument("--working-set", default=None, type=_size)
@@ -101,7 +104,7 @@ def _scenario(args: argparse.Namespace, **changes: object) -> Scenario:
         dirty_rate=args.dirty_rate, pattern=args.pattern, working_set=args.working_set,
         downtime_limit=args.downtime_limit, max_bandwidth=args.max_bandwidth, defer=args.defer,
         seed=args.seed, timeout=args.timeout, prealloc=args.prealloc == "on",
-        progress=args.progress_after > 0, progress_after_ms=args.progress_after,
+        progress=args.progress_after > 0, progress_after_ms=args.progress_after, hugetlb=args.hugetlb,
     ).with_(**changes)  # fmt: skip
 
 
@@ -260,6 +263,12 @@ def cmd_vm(args: argparse.Namespace) -> int:
     return vm_main(args.vm_args)
 
 
+def cmd_hugepages(args: argparse.Namespace) -> int:
+    from labkit.cli.hugepages import main as hugepages_main
+
+    return hugepages_main(args.reserve, args.page_size, args.json)
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     from labkit.cli.jupyter import run_jupyter_lab
 
@@ -311,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--browser", action="store_true", help="also open a web browser")
     lab.add_argument("jupyter_args", nargs=argparse.REMAINDER, help="passed on to jupyter lab")
     lab.set_defaults(func=cmd_lab)
+    hp = sub.add_parser("hugepages", help="the host's huge page pools; --reserve SIZE sets one (root)")
+    hp.add_argument("--reserve", default=None, metavar="SIZE", help="set the pool to hold SIZE (256M, 8G; 0 frees)")
+    hp.add_argument("--page-size", default="2M", help="which pool (default 2M; --hugetlb takes the same)")
+    hp.add_argument("--json", action="store_true")
+    hp.set_defaults(func=cmd_hugepages)
     return p
 
 

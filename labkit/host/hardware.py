@@ -36,6 +36,7 @@ class VMConfig:
     serial_path: str | None = None  # -serial file:PATH
     holds: list[str] = field(default_factory=list)  # -x-hold (emulator only): migration points to wait at
     nodefaults: bool = True  # -nodefaults; off adds q35's VGA and e1000e NIC, and with them their RAM blocks
+    hugetlb: int | str | None = None  # huge page size ("2M"): memory-backend-memfd,hugetlb=on,hugetlbsize=
     prealloc: bool = False  # prealloc=on on the memory backend: every page faulted in at start (both backends)
 
     def __post_init__(self) -> None:
@@ -46,6 +47,12 @@ class VMConfig:
             )
         if self.memory_backend == "file" and not self.mem_path:
             raise ValueError("memory_backend 'file' needs mem_path")
+        if self.hugetlb is not None:
+            self.hugetlb = parse_size(self.hugetlb, "m")
+            if self.memory_backend != "memfd":
+                raise ValueError(
+                    "hugetlb needs memory_backend 'memfd' (hugetlb= is a property of memory-backend-memfd only)"
+                )
         if isinstance(self.guest, dict):
             self.guest = GuestConfig(**self.guest)
 
@@ -72,6 +79,8 @@ class VMConfig:
             parts.append(f"share={'on' if self.share else 'off'}")
         if self.memory_backend == "file":
             parts.append(f"mem-path={self.mem_path}")
+        if self.hugetlb is not None:
+            parts += ["hugetlb=on", f"hugetlbsize={format_size(int(self.hugetlb))}"]
         if self.prealloc:
             parts.append("prealloc=on")
         return ",".join(parts)

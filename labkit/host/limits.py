@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from labkit.qemu_syntax import GUEST_PATTERNS, SizeError, human_size, parse_size
+from labkit.host.hugepages import HugePageError, pages_for, parse_page_size, pool_for
+from labkit.qemu_syntax import GUEST_PATTERNS, SizeError, format_size, human_size, parse_size
 
 LAB_MIN_RAM = 16 << 20  # the smallest guest both backends run (the real guest's tables end at 2 MiB)
 MAX_DOWNTIME_MS = 2000 * 1000  # QEMU's MAX_MIGRATE_DOWNTIME_SECONDS, in the lab's milliseconds
@@ -74,6 +75,7 @@ def check_request(
     downtime_limit: int,
     max_bandwidth: str | int,
     timeout: float,
+    hugetlb: str | int | None = None,
 ) -> int:
     """Refuse what cannot work, before anything is spawned; returns guest RAM in bytes."""
     if backend not in LAB_BACKENDS:
@@ -86,7 +88,12 @@ def check_request(
     assert size is not None
     shared = share if share is not None else memory_backend in ("memfd", "file")
     rng = ram_range(mode, shared)
-    if not rng.minimum <= size <= rng.maximum:
+    if hugetlb is not None:  # guest RAM comes from the huge page pool, not from MemAvailable
+        check_hugetlb(hugetlb, size, mode, memory_backend, share)
+        in_range = size >= rng.minimum
+    else:
+        in_range = rng.minimum <= size <= rng.maximum
+    if not in_range:
         raise LimitError(f"ram (--ram) {human_size(size)}: the lab runs guests of {rng.describe()}")
     _size(dirty_rate, "dirty rate (--dirty-rate)")
     ws = _size(working_set, "working set (--working-set)")
@@ -106,6 +113,46 @@ def check_request(
     if not timeout > 0:
         raise LimitError(f"timeout (--timeout) {timeout} s: must be more than 0")
     return size
+
+
+def check_hugetlb(hugetlb: str | int, ram: int, mode: str, memory_backend: str, share: bool | None) -> int:
+    """Refuse a huge-page guest this host cannot start, before any process exists: QEMU itself would only
+    fail at start ("unable to map backing store for guest RAM: Cannot allocate memory"), and a normal
+    migration's destination only once the source is already running. Returns the page size in bytes."""
+    if memory_backend != "memfd":
+        raise LimitError(
+            f"hugetlb (--hugetlb) needs --memory-backend memfd, not {memory_backend}: hugetlb= and hugetlbsize= "
+            "are properties of QEMU's memory-backend-memfd only"
+        )
+    if share is False:
+        raise LimitError(
+            "hugetlb (--hugetlb) with --share off: the lab's huge-page guests are shared memfds (the emulator "
+            "keeps a share=off backend in private anonymous memory); drop --share off"
+        )
+    try:
+        page = parse_page_size(hugetlb)
+        pool = pool_for(page)
+    except HugePageError as e:
+        raise LimitError(str(e)) from None
+    flag = f"--hugetlb {format_size(page)}"
+    if ram % page:
+        raise LimitError(
+            f"ram (--ram) {human_size(ram)} is not a multiple of the {pool.label} huge page ({flag}): QEMU "
+            f"cannot size the memfd ('failed to resize memfd to {ram}: Invalid argument')"
+        )
+    # normal pre-copy holds a second memfd in the destination; the CPR modes reuse the source's
+    # (cpr-reboot's source quits before the new process maps its own)
+    copies = 2 if mode == "normal" else 1
+    need = pages_for(ram, page) * copies
+    if need > pool.available:
+        short = need - pool.available
+        why = f"a {human_size(ram)} guest" + (", twice (source and destination)" if copies > 1 else "")
+        raise LimitError(
+            f"hugetlb ({flag}): {why} needs {need} huge pages of {pool.label}, this host has {pool.available} "
+            f"available ({pool.describe()}): grow the pool with "
+            f"`labkit hugepages --reserve {format_size((pool.total + short) * page)}` as root"
+        )
+    return page
 
 
 def convergence_hint(dirty_rate: int, max_bandwidth: int) -> str | None:

@@ -126,7 +126,7 @@ class Lab:
         s = self.scenario
         return VMConfig(
             name="source", ram=s.ram, memory_backend=s.memory_backend, share=s.vm_share,
-            aux_ram_share=s.aux_ram_share, guest=s.guest, prealloc=s.prealloc,
+            aux_ram_share=s.aux_ram_share, guest=s.guest, prealloc=s.prealloc, hugetlb=s.hugetlb,
             mem_path=os.path.join(self.dir, "guest-ram") if s.file_backed else None,
         )  # fmt: skip
 

@@ -69,14 +69,11 @@ class CounterReader:
     def __init__(self, path: str, offset: int):
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            for page in (PAGE, 2 << 20, 1 << 30):  # a hugetlb memfd maps only at its own page size
-                base = offset - offset % page
-                try:
-                    self.map = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ, offset=base)
-                    break
-                except OSError:
-                    if page == 1 << 30:
-                        raise
+            # one whole page of the file's own size: a 4 KiB map of a hugetlb memfd maps, but its munmap fails
+            # (EINVAL, which mmap.close() ignores), so the huge page would stay mapped until this process ends
+            page = max(PAGE, os.fstat(fd).st_blksize)
+            base = offset - offset % page
+            self.map = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ, offset=base)
         finally:
             os.close(fd)
         self.at = offset - base

@@ -31,6 +31,7 @@ _SIZES = {
     "dirty_rate": ("dirty rate (--dirty-rate)", "b"),
     "working_set": ("working set (--working-set)", "b"),
     "max_bandwidth": ("max bandwidth (--max-bandwidth)", "b"),
+    "hugetlb": ("hugetlb (--hugetlb)", "m"),
 }
 
 
@@ -57,6 +58,7 @@ class Scenario:
     seed: int = 1
     prefill: bool = False
     prealloc: bool = False  # prealloc=on on the memory backend: RAM faulted in when the VM starts
+    hugetlb: int | None = None  # huge page size (2M): memory-backend-memfd,hugetlb=on,hugetlbsize= (memfd only)
     # migration parameters and capabilities (migrate-set-parameters, migrate-set-capabilities)
     downtime_limit: int = 300
     max_bandwidth: int = 10 << 30
@@ -92,7 +94,7 @@ class Scenario:
                 backend=self.backend, mode=self.mode, ram=self.ram, memory_backend=self.memory_backend,
                 share=self.share, pattern=self.pattern, dirty_rate=self.dirty_rate,
                 working_set=self.working_set, downtime_limit=self.downtime_limit,
-                max_bandwidth=self.max_bandwidth, timeout=self.timeout,
+                max_bandwidth=self.max_bandwidth, timeout=self.timeout, hugetlb=self.hugetlb,
             )  # fmt: skip
         except LimitError as e:
             raise LabError(str(e)) from None

@@ -11,13 +11,14 @@ the pause: QEMU's caveat "the guest pause time increases for large guest RAM bac
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import os
 from collections.abc import Iterable
 from typing import Any
 
 from labkit.lab.engine import Lab
 from labkit.lab.report import Result
+from labkit.lab.scenario import Scenario
 from labkit.qemu_syntax import parse_size
 
 PAGE_4K = 4096
@@ -79,7 +80,7 @@ def expected_faults(ram: str | int, page_size: int) -> int:
 def hugetlb_unavailable(ram: str | int = "64M") -> str | None:
     """Why the huge-page part cannot run here (None when it can): the lab must offer Lab(hugetlb=...) and the
     host's pool must hold enough free 2 MiB pages for the guest's RAM (cpr-transfer shares one memfd)."""
-    if "hugetlb" not in inspect.signature(Lab).parameters:
+    if "hugetlb" not in {f.name for f in dataclasses.fields(Scenario)}:  # Lab(**settings) makes a Scenario
         return "this labkit has no hugetlb option yet (Lab(hugetlb='2M') comes with `--hugetlb`)"
     free = huge_pages_free()
     need = parse_size(ram) // PAGE_2M

@@ -24,6 +24,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from labkit.errors import LabkitError
+from labkit.vm.memfd import (
+    MEMFD_BACKEND_SEALS,
+    MemfdError,
+    check_hugetlbsize,
+    fd_page_size,
+    map_backing_store,
+    qemu_memfd_create,
+)
 from labkit.vm.options import MachineOptions
 from labkit.vm.oslib import qemu_prealloc_mem
 
@@ -105,6 +113,7 @@ class RAMBlock:
     readonly: bool = False  # a ROM (info ramblock's RO column)
     prealloc: bool = False  # its backend has prealloc=on (query-memdev's "prealloc")
     offset: int = 0  # the block's ram_addr_t (find_ram_offset), info ramblock's Offset column
+    page_size: int = PAGE_SIZE  # the host pages behind it (qemu_fd_getpagesize): 2 MiB for a hugetlb memfd
     mm: mmap.mmap | None = field(default=None, repr=False)
     dirty: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8), repr=False)  # sized in _new_block
     dirty_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -184,6 +193,7 @@ def _new_block(
     max_length: int = 0,
     mr_name: str = "",
     readonly: bool = False,
+    hugetlb: tuple[bool, int | None] | None = None,
 ) -> RAMBlock:
     """Allocate (or, under cpr-transfer, adopt) the memory of one block, as qemu_ram_alloc_internal does:
     max_length is reserved and mapped, a new memfd is created that large, and the guest uses `size` of it."""
@@ -211,11 +221,17 @@ def _new_block(
             except BaseException:
                 os.close(fd)  # taken out of cpr_fds: no one else will close it
                 raise
+        elif hugetlb is not None:  # hugetlb= or hugetlbsize= given: QEMU's own memfd path, sealed
+            fd = _hugetlb_memfd(idstr, max_length, hugetlb)
         else:
             fd = os.memfd_create(idstr, os.MFD_CLOEXEC)
             os.ftruncate(fd, max_length)
-        block = RAMBlock(idstr, size, "memfd", backend, True, fd, reused=reused)
-        block.mm = _map(fd, max_length, True)
+        block = RAMBlock(idstr, size, "memfd", backend, True, fd, reused=reused, page_size=fd_page_size(fd))
+        try:
+            block.mm = map_backing_store(fd, max_length)
+        except MemfdError as e:
+            block.close()
+            raise RAMBlockError(idstr, str(e)) from None
     else:
         block = RAMBlock(idstr, size, "anon", backend, False)
         block.mm = mmap.mmap(
@@ -225,6 +241,18 @@ def _new_block(
     block.mr_name, block.readonly = mr_name, readonly
     block.dirty = np.zeros(block.npages, dtype=np.uint8)
     return block
+
+
+def _hugetlb_memfd(idstr: str, size: int, hugetlb: tuple[bool, int | None]) -> int:
+    """memfd_backend_memory_alloc() with hugetlb= or hugetlbsize= set: the property check, then
+    qemu_memfd_create() with QEMU's default seals; QEMU's texts on failure."""
+    on, hsize = hugetlb
+    try:
+        if hsize is not None:
+            check_hugetlbsize(hsize)
+        return qemu_memfd_create(idstr, size, on, hsize or 0, MEMFD_BACKEND_SEALS)
+    except MemfdError as e:
+        raise RAMBlockError(idstr, str(e)) from None
 
 
 def _adopt_cpr_fd(idstr: str, mr_name: str, fd: int, max_length: int, grow: bool) -> None:
@@ -321,7 +349,8 @@ def ram_blocks_create(opts: MachineOptions, cpr_fds: dict[str, int] | None = Non
     try:
         for obj in opts.objects.values():
             shared = obj.share and obj.qom_type != "memory-backend-epc"
-            block = _new_block(obj.id, obj.size, obj.qom_type, shared, obj.mem_path, fds)
+            huge = (obj.hugetlb, obj.hugetlbsize) if obj.hugetlb or obj.hugetlbsize is not None else None
+            block = _new_block(obj.id, obj.size, obj.qom_type, shared, obj.mem_path, fds, hugetlb=huge)
             if obj.prealloc:  # qemu_prealloc_mem(): at creation, also for memory adopted over CPR
                 qemu_prealloc_mem(block.mm)
                 block.prealloc = True
@@ -370,10 +399,18 @@ def format_ramblock_info(ram: RAMList) -> str:
     for b in ram:
         hva = ctypes.addressof(ctypes.c_char.from_buffer(b.mm)) if b.mm is not None else 0
         lines.append(
-            f"{b.idstr:>24} {'4 KiB':>8}  0x{b.offset:016x} 0x{b.size:016x} 0x{b.max_length:016x} "
+            f"{b.idstr:>24} {_psize(b.page_size):>8}  0x{b.offset:016x} 0x{b.size:016x} 0x{b.max_length:016x} "
             f"0x{hva:016x} {'ro' if b.readonly else 'rw':>3}"
         )
     return "\n".join(lines) + "\n"
+
+
+def _psize(n: int) -> str:
+    """size_to_str() as info ramblock prints a page size: '4 KiB', '2 MiB'."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):g} {unit}"
+    return f"{n} B"
 
 
 def rom_image(name: str, size: int) -> np.ndarray:

@@ -26,6 +26,7 @@ QEMU's options:
   -m SIZE                        guest RAM (QEMU size syntax, default unit M; at least 1M)
   -machine q35[,aux-ram-share=on|off][,memory-backend=ID]
   -object memory-backend-{memfd,ram,file,epc},id=ID,size=SIZE[,share=on|off][,mem-path=PATH]
+                                 memfd also: [,hugetlb=on|off][,hugetlbsize=SIZE] (MFD_HUGETLB)
   -qmp unix:PATH,server=on,wait=off    the QMP monitor (drive it with qmp-shell PATH; `quit` stops the VM)
   -incoming URI | defer | '{"channel-type": "cpr", ...}'   wait for a migration
   -S                             stay paused until `cont`
@@ -77,6 +78,8 @@ class BackendOptions:
     size: int
     share: bool
     mem_path: str | None = None
+    hugetlb: bool = False  # memory-backend-memfd only: MFD_HUGETLB (labkit.vm.memfd)
+    hugetlbsize: int | None = None  # None: not given (the kernel's default huge page size)
     prealloc: bool = False  # prealloc=on: host_memory_backend_memory_complete() faults every page in
 
 
@@ -217,10 +220,27 @@ def _object(opts: MachineOptions, value: str) -> None:
     prealloc = parse_bool(kv.pop("prealloc"), "prealloc") if "prealloc" in kv else False
     if qom_type == "memory-backend-file" and not mem_path:
         raise OptionError("mem-path property not set")
+    hugetlb, hugetlbsize = _hugetlb(qom_type, kv)
     for key in kv:
         if key not in ("prealloc", "merge", "dump", "reserve", "host-nodes", "policy"):
             raise OptionError(f"Property '{qom_type}.{key}' not found")
-    opts.objects[oid] = BackendOptions(qom_type, oid, size, share, mem_path, prealloc)
+    opts.objects[oid] = BackendOptions(
+        qom_type, oid, size, share, mem_path, prealloc=prealloc, hugetlb=hugetlb, hugetlbsize=hugetlbsize
+    )
+
+
+def _hugetlb(qom_type: str, kv: dict[str, str]) -> tuple[bool, int | None]:
+    """memory-backend-memfd's hugetlb= and hugetlbsize= (other backends have neither). Only the syntax is
+    judged here, as QEMU's option parser does; the values are judged when the memfd is made."""
+    if qom_type != "memory-backend-memfd":
+        return False, None
+    hugetlb = parse_bool(kv.pop("hugetlb"), "hugetlb") if "hugetlb" in kv else False
+    if "hugetlbsize" not in kv:
+        return hugetlb, None
+    try:
+        return hugetlb, parse_size(kv.pop("hugetlbsize"))
+    except SizeError:
+        raise OptionError("Parameter 'hugetlbsize' expects a size value") from None
 
 
 def _qmp(opts: MachineOptions, value: str) -> None:

@@ -297,7 +297,7 @@ def _row(backend, page, ram, rep, events, **extra):
 
 
 def test_sweep_summary_and_flatness_from_rows():
-    from labkit.measure.hugetlb_sweep import flatness, format_summary, summarise_sweep
+    from labkit.measure.hugetlb_sweep import flatness, format_summary, summarize_sweep
 
     rows = [
         _row("emulated", "4K", 256 * MiB, 0, 2.0, post_resume_pages_faulted=100),
@@ -308,7 +308,7 @@ def test_sweep_summary_and_flatness_from_rows():
         _row("emulated", "2M", 8 << 30, 0, 5.0),
         {"backend": "qemu", "page": "2M", "ram_bytes": 8 << 30, "rep": None, "status": "skipped", "error": "no pool"},
     ]
-    summary = summarise_sweep(rows)
+    summary = summarize_sweep(rows)
     cell = next(c for c in summary if (c["page"], c["ram_bytes"]) == ("4K", 256 * MiB))
     assert cell["pause_ms_events_median"] == 3.0 and cell["pause_ms_events_min"] == 2.0
     assert cell["post_resume_pages_faulted_median"] == 200 and cell["pause_ms_guest_median"] is None

@@ -116,7 +116,7 @@ def _progress_line(cell: str, row: dict[str, Any]) -> str:
     )
 
 
-def summarise_sweep(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarize_sweep(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per backend, page size and RAM: medians (and min/max) of every pause figure and post-resume cost."""
     keys = sorted({(r["backend"], r["page"], r["ram_bytes"]) for r in rows})
     figures = [f"pause_ms_{p}" for p in PAUSES] + sorted(
@@ -221,7 +221,7 @@ def sweep_report(plan: HugetlbSweepPlan, rows: list[dict[str, Any]], command: st
     from labkit.host.hugepages import read_pools
     from labkit.measure.bench import machine_facts
 
-    summary = summarise_sweep(rows)
+    summary = summarize_sweep(rows)
     facts = machine_facts()
     facts["mem_total_bytes"] = _meminfo("MemTotal")
     facts["transparent_hugepage"] = _read("/sys/kernel/mm/transparent_hugepage/enabled")

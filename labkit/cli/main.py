@@ -237,7 +237,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(format_report(report))
         if args.csv:
             print(f"wrote {args.csv}")
-    return 0
+    for line in report["ceiling_breaches"]:  # a rate above its ceiling proves the ceiling wrong: fail loudly
+        print(f"labkit bench: {line}", file=sys.stderr)
+    return 1 if report["ceiling_breaches"] else 0
 
 
 def cmd_cpr_inspect(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from labkit.host.hardware import VMConfig
 from labkit.host.procfs import read_fds, read_maps
 from labkit.host.runners import qemu_guest as qg
+from labkit.host.runners.qemu_prefill import prefill_ahead_of_guest
 from labkit.host.runners.qemu_trace import (
     SOCKET_CHECKPOINTS,
     TRACE_LOG,
@@ -273,8 +274,14 @@ class QemuOps:
         return hb
 
     def ready(self, m: Machine) -> None:
-        """The Lab calls this after spawning a source: the guest has booted and writes its RAM."""
+        """The Lab calls this after spawning a source: the guest has booted and writes its RAM (and, with
+        prefill, every page it has not reached yet holds data, as the emulated guest's prefill=on does)."""
         self.wait_booted(m)
+        if m.config.guest.prefill:
+            ram = self.guest_ram(m)
+            if ram.shared:
+                rate = m.config.guest.dirty_rate
+                prefill_ahead_of_guest(ram.path, ram.size, lambda: self.read_heartbeat(m, ram), rate)
 
     def wait_booted(self, m: Machine, timeout: float | None = None) -> qg.Heartbeat:
         """Wait until the guest has written its first pages (firmware and the Multiboot load come first)."""

@@ -92,34 +92,43 @@ def _timed(fn: Callable[[], object], size: int) -> float:
     return size / (time.perf_counter() - t0)
 
 
+def _copy_methods(
+    src: mmap.mmap, dst: mmap.mmap, sfd: int, dfd: int, size: int
+) -> dict[str, Callable[[], float]]:
+    """The ways to copy src into dst; the numpy views live in the closures only, so clearing the dict frees
+    them before the mappings close."""
+    a = np.frombuffer(src, dtype=np.uint8)
+    b = np.frombuffer(dst, dtype=np.uint8)
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.memcpy.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+    libc.memcpy.restype = ctypes.c_void_p
+    pa, pb = a.ctypes.data, b.ctypes.data
+
+    def copy_file_range() -> None:
+        done = 0
+        while done < size:
+            n = os.copy_file_range(sfd, dfd, size - done, done, done)
+            if n <= 0:
+                raise OSError("copy_file_range made no progress")
+            done += n
+
+    return {
+        "memcpy (ctypes)": lambda: _timed(lambda: libc.memcpy(pb, pa, size), size),
+        "numpy copyto": lambda: _timed(lambda: np.copyto(b, a), size),
+        "copy_file_range memfd->memfd": lambda: _timed(copy_file_range, size),
+    }
+
+
 def copy_ceiling(size: int = 256 * MiB, reps: int = 3) -> Ceiling:
     """Bytes/s copying guest-RAM-like memory (a memfd mapping) into another one that is already faulted in."""
     sfd, src = _memfd("ceiling-src", size, 0x5A)
     dfd, dst = _memfd("ceiling-dst", size, None)
     try:
-        a = np.frombuffer(src, dtype=np.uint8)
-        b = np.frombuffer(dst, dtype=np.uint8)
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.memcpy.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
-        libc.memcpy.restype = ctypes.c_void_p
-        pa, pb = a.ctypes.data, b.ctypes.data
-
-        def copy_file_range() -> None:
-            done = 0
-            while done < size:
-                n = os.copy_file_range(sfd, dfd, size - done, done, done)
-                if n <= 0:
-                    raise OSError("copy_file_range made no progress")
-                done += n
-
-        methods = {
-            "memcpy (ctypes)": lambda: _timed(lambda: libc.memcpy(pb, pa, size), size),
-            "numpy copyto": lambda: _timed(lambda: np.copyto(b, a), size),
-            "copy_file_range memfd->memfd": lambda: _timed(copy_file_range, size),
-        }
-        result = best_of("copy", "bytes/s", methods, reps)
-        a = b = None  # the views go before their mappings close
-        return result
+        methods = _copy_methods(src, dst, sfd, dfd, size)
+        try:
+            return best_of("copy", "bytes/s", methods, reps)
+        finally:
+            methods.clear()  # the views go before their mappings close
     finally:
         src.close()
         dst.close()
@@ -211,7 +220,7 @@ def socket_ceiling(size: int = 256 * MiB, reps: int = 3) -> Ceiling:
             b.close()
             children.append((pid, a))
 
-            def run(send=send, a=a) -> float:
+            def run(send: Callable[..., None] = send, a: socket.socket = a) -> float:
                 t0 = time.perf_counter()
                 send(a, fd, mm, size)
                 if a.recv(1) != b"k":
@@ -325,4 +334,4 @@ def ratio_to_ceiling(value: float | None, ceiling: dict[str, Any] | None) -> flo
     ceiling is wrong."""
     if value is None or ceiling is None or not ceiling.get("value") or not value:
         return None
-    return value / ceiling["value"] if ceiling["unit"] == "bytes/s" else ceiling["value"] / value
+    return float(value / ceiling["value"] if ceiling["unit"] == "bytes/s" else ceiling["value"] / value)

@@ -60,11 +60,17 @@ class BenchPlan:
     vm_reps: int = 5
     precopy_rams: list[int] = field(default_factory=list)
     floor_runs: int = 30
+    ceiling_bytes: int = 256 * MiB  # moved per copy/socket ceiling run
 
     @classmethod
     def quick(cls, backends: list[str]) -> BenchPlan:
         return cls(
-            rams=[256 * MiB, 1024 * MiB], backends=backends, reps=3, vm_reps=2, precopy_rams=[1024 * MiB]
+            rams=[256 * MiB, 1024 * MiB],
+            backends=backends,
+            reps=3,
+            vm_reps=2,
+            precopy_rams=[1024 * MiB],
+            ceiling_bytes=128 * MiB,
         )
 
     def cells(self) -> list[tuple[str, str, int, int]]:
@@ -107,12 +113,14 @@ def machine_facts() -> dict[str, Any]:
     }
 
 
-def measure_ceilings(before: dict[str, Any] | None = None, floor_runs: int = 30) -> dict[str, Any]:
+def measure_ceilings(
+    before: dict[str, Any] | None = None, floor_runs: int = 30, size: int = 256 * MiB
+) -> dict[str, Any]:
     """Every ceiling and the pause floor; with `before` (the same measured earlier in this run), the better
     of the two for each: a ceiling is what the machine can do when the load lets it."""
     from labkit.measure import ceilings, pause_floor
 
-    now: dict[str, Any] = {k: c.as_dict() for k, c in ceilings.measure_all().items()}
+    now: dict[str, Any] = {k: c.as_dict() for k, c in ceilings.measure_all(size).items()}
     now["pause_floor"] = pause_floor.measure(floor_runs)
     if before is None:
         return now
@@ -433,13 +441,14 @@ def run_bench(plan: BenchPlan, show_progress: bool = True) -> dict[str, Any]:
     plan.backends = backends
     t0 = time.monotonic()
     load = {"start": os.getloadavg()}
-    ceilings = measure_ceilings(floor_runs=plan.floor_runs)
+    ceilings = measure_ceilings(floor_runs=plan.floor_runs, size=plan.ceiling_bytes)
     vm = vm_bench(plan.vm_reps)
     with tqdm(
         total=len(plan.cells()) * plan.reps, desc="migrations", disable=not show_progress, leave=False
     ) as bar:
         rows = run_matrix(plan, bar)
-    ceilings = measure_ceilings(ceilings, floor_runs=plan.floor_runs)  # again: the better of the two counts
+    # again after the migrations: the better of the two counts
+    ceilings = measure_ceilings(ceilings, floor_runs=plan.floor_runs, size=plan.ceiling_bytes)
     load["end"] = os.getloadavg()
     summary = summarise(rows)
     return {

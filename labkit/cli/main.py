@@ -225,12 +225,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     plan = BenchPlan.quick(backends) if args.quick else BenchPlan(backends=backends)
     if args.ram:
         plan.rams = args.ram
+        plan.precopy_rams = []  # pre-copy at the RAM sizes asked for, unless --precopy-ram says otherwise
     if args.dirty_rate:
         plan.dirty_rates = args.dirty_rate
     if args.mode:
         plan.modes = args.mode
     if args.reps:
         plan.reps = args.reps
+    if args.precopy_ram:
+        plan.precopy_rams = args.precopy_ram
     report = run_bench(plan, show_progress=not args.json)
     command = "labkit " + " ".join(shlex.quote(a) for a in args.argv)
     if args.csv:
@@ -242,7 +245,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(format_report(report))
         if args.csv:
             print(f"wrote {args.csv}")
-    return 0
+    for line in report["ceiling_breaches"]:  # a rate above its ceiling proves the ceiling wrong: fail loudly
+        print(f"labkit bench: {line}", file=sys.stderr)
+    return 1 if report["ceiling_breaches"] else 0
 
 
 def cmd_cpr_inspect(args: argparse.Namespace) -> int:
@@ -296,7 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--mode", action="append", choices=["normal", "cpr-reboot", "cpr-transfer"])
     b.add_argument("--ram", action="append", type=_ram, help="repeatable RAM sizes")
-    b.add_argument("--dirty-rate", action="append", type=_size, help="repeatable dirty rates")
+    b.add_argument(
+        "--dirty-rate", action="append", type=_size,
+        help="repeatable dirty rates, the same on both backends (default 4K = idle, and 256M); cpr modes use the first",
+    )  # fmt: skip
+    b.add_argument(
+        "--precopy-ram", action="append", type=_ram, help="RAM sizes for pre-copy (normal) only; default: --ram"
+    )
     b.add_argument("--reps", type=_positive_int, default=None, help="repetitions per cell (at least 1)")
     b.add_argument("--csv", default=None, help="write the per-cell summary here (e.g. data/bench.csv)")
     b.add_argument(

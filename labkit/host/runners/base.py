@@ -40,7 +40,6 @@ class Runner:
     keeps_event_history: bool = False  # the VM keeps every QMP event on the host's clock, monitor or not
     has_migration_details: bool = False  # bytes per channel and per pass beyond query-migrate
     faults_in_before_accept: bool = False  # an incoming VM touches all its RAM before it accepts the stream
-    guest_fills_ram: bool = False  # the guest writes all of its RAM by itself soon after boot (no prefill needed)
     description: str = ""  # how a sentence names it: "the emulated backend", "real QEMU 10"
 
     def argv(self, config: VMConfig, qmp_path: str) -> list[str]:

@@ -22,6 +22,7 @@ import labkit.host.runners.qemu_guest as qg
 from labkit.host.hardware import VMConfig
 from labkit.host.procfs import read_maps
 from labkit.host.runners.base import CounterLocation, Runner
+from labkit.host.runners.qemu_prefill import prefill_ahead_of_guest
 from labkit.host.runners.qemu_trace import (
     SOCKET_CHECKPOINTS,
     TRACE_LOG,
@@ -216,7 +217,6 @@ class QemuRunner(Runner):
 
     name = "qemu"
     description = "real QEMU 10"
-    guest_fills_ram = True  # the tiny guest's first pass writes every page
 
     def __init__(
         self,
@@ -301,8 +301,14 @@ class QemuRunner(Runner):
         return hb
 
     def ready(self, m: Machine) -> None:
-        """The Lab calls this after spawning a source: the guest has booted and writes its RAM."""
+        """The Lab calls this after spawning a source: the guest has booted and writes its RAM (and, with
+        prefill, every page it has not reached yet holds data, as the emulated guest's prefill=on does)."""
         self.wait_booted(m)
+        if m.config.guest.prefill:
+            ram = self.guest_ram(m)
+            if ram.shared:
+                rate = m.config.guest.dirty_rate
+                prefill_ahead_of_guest(ram.path, ram.size, lambda: self.read_heartbeat(m, ram), rate)
 
     def wait_booted(self, m: Machine, timeout: float | None = None) -> qg.Heartbeat:
         """Wait until the guest has written its first pages (firmware and the Multiboot load come first)."""

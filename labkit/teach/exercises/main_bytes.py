@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from labkit.host.runners import get_runner
 from labkit.lab.engine import migrate
 from labkit.qemu_syntax import human_size, parse_size
 from labkit.teach.exercises.checking import (
@@ -27,10 +26,10 @@ def measure_bytes(
     def run() -> dict[str, dict[str, Any]]:
         out = {}
         for mode in ("cpr-transfer", "normal"):
-            # the emulated guest has written all its RAM once, as a guest that has used its memory (and as
-            # the real guest soon has): untouched pages would travel as zero-page markers of a few bytes
+            # the guest has written all its RAM once, as a guest that has used its memory (the real guest's
+            # unwritten pages are filled through its memfd): untouched pages would travel as zero-page markers
             r = migrate(mode=mode, ram=ram, dirty_rate=dirty_rate, seed=seed, backend=backend,
-                        prefill=not get_runner(backend).guest_fills_ram)  # fmt: skip
+                        prefill=True)  # fmt: skip
             out[mode] = {"status": r.status, "main": r.bytes["main"], "cpr": r.bytes["cpr"]}
         return out
 

@@ -39,6 +39,8 @@ class MigratableRAMBlock(Protocol):
 
     def dirty_sync(self) -> np.ndarray: ...
 
+    def dirty_clear(self) -> None: ...
+
 
 class MigratableRAMList(Protocol):
     """QEMU's ram_list: the blocks in its order, and what CPR asks of them."""

@@ -368,7 +368,7 @@ class PrecopyMigration(MigrationStateBase):
         dst-precopy-bh-vm-started whether or not it started the guest."""
         self.checkpoint("dst-precopy-bh-enter")
         self.checkpoint("dst-precopy-bh-announced")
-        self.vm.guest.block.dirty[:] = 0
+        self.vm.guest.block.dirty_clear()  # a clean dirty log, at no cost where nothing was marked
         if self.vm.global_state.runstate == rs.RUNNING and self.vm.autostart:
             self.vm.vm_start()
         else:

@@ -16,7 +16,7 @@ import contextlib
 import html
 import io
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import ipywidgets as w
 
@@ -24,6 +24,8 @@ from labkit.lab.engine import Lab, Snapshot
 from labkit.lab.report import MappingRow, Result
 from labkit.lab.scenario import Scenario
 from labkit.qemu_syntax import SIDES, format_ms, human_size
+
+T = TypeVar("T")
 
 __all__ = ["Stepper", "lab_arguments", "figure_png"]
 
@@ -159,32 +161,38 @@ class Stepper:
         """Run one phase, redraw, and return its Snapshot (None when nothing is left or it failed)."""
         if self.closed or self.done:
             return None
-        self._busy(True)
-        try:
+
+        def step() -> Snapshot:
             assert self.lab is not None  # done is True without a lab
             snap = self.lab.step()
             self.snapshots.append(snap)
             if self.done:
                 self._finish()
             return snap
-        except Exception as e:
-            self.error = f"{type(e).__name__}: {e}"
-            return None
-        finally:
-            self._busy(False)
-            self.refresh()
+
+        return self._guarded(step)
 
     def on_run(self) -> Result | None:
         """Run every phase left (the panel follows along) and return the Result."""
         if self.closed or self.lab is None:
             return None
-        self._busy(True)
-        try:
+
+        def run() -> Result | None:
+            assert self.lab is not None
             while not self.done:
                 self.snapshots.append(self.lab.step())
                 self.refresh(figure=False)
             self._finish()
             return self.result
+
+        return self._guarded(run)
+
+    def _guarded(self, action: Callable[[], T]) -> T | None:
+        """Run a button's action with the panel busy; a failure shows in the panel (and returns None) rather
+        than raising into the widget's callback, where a notebook would only log it."""
+        self._busy(True)
+        try:
+            return action()
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
             return None

@@ -48,19 +48,20 @@ def test_each_mode_is_one_list_of_phases():
 
 def test_lab_takes_a_scenario_and_the_result_round_trips_through_json():
     scenario = Scenario(mode="normal", ram="32M", dirty_rate="8M", warmup=0.1, seed=5)
+    ran = scenario.with_(defer=False)  # the scenario as run: the lab's own choices (defer=None) resolved
     with Lab(scenario) as lab:
-        assert lab.scenario is scenario and lab.runner.name == "emulated"
+        assert lab.scenario == ran and lab.runner.name == "emulated"
         r = lab.run()
     assert r.status == "completed" and r.guest_verified, r.error
-    assert r.scenario == scenario and r.host is not None and r.host.cpus >= 1
+    assert r.scenario == ran and r.host is not None and r.host.cpus >= 1
     back = Result.from_json(r.to_json())
     assert back == r
-    assert back.scenario == scenario and back.host == r.host
+    assert back.scenario == ran and back.host == r.host
     assert back.timeline == r.timeline and back.mappings == r.mappings
     row = r.flat()  # the settings ride along in a frame's row, by their Scenario names
     assert (row["max_bandwidth"], row["downtime_limit"], row["seed"]) == (10 << 30, 300, 5)
     again = migrate(back.scenario)  # a Result read back can be run again as it was
-    assert again.scenario == scenario and again.status == "completed"
+    assert again.scenario == ran and again.status == "completed"
 
 
 def test_progress_parses_query_migrate_once():
@@ -102,3 +103,18 @@ def test_a_lab_on_a_runner_that_cannot_hold_steps_without_holding():
         snaps = [lab.step() for _ in lab.phases]
         assert not lab.stepping and snaps[-1].states["destination"] == "running"
         assert lab.run().guest_verified
+
+
+@pytest.mark.parametrize(
+    ("backend", "mode", "defer"),
+    [("emulated", "cpr-transfer", False), ("qemu", "cpr-transfer", True), ("qemu", "normal", False)],
+)
+def test_the_lab_defers_only_a_destination_that_would_lose_resume(backend, mode, defer):
+    """defer=None is the lab's choice: -incoming defer for real QEMU's cpr-transfer destination (no event
+    history, monitor only after CPR load), not elsewhere; the resolved value is what the Result records, and
+    an explicit choice is kept."""
+    with Lab(Scenario(backend=backend, mode=mode, ram="16M")) as lab:
+        assert lab.scenario.defer is defer and lab.defer is defer
+    with Lab(Scenario(backend=backend, mode=mode, ram="16M", defer=False)) as lab:
+        assert lab.scenario.defer is False
+    assert Scenario().defer is None

@@ -80,7 +80,13 @@ def _migration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--working-set", default=None, type=_size)
     p.add_argument("--downtime-limit", default=300, type=int, help="ms (QEMU's default 300)")
     p.add_argument("--max-bandwidth", default="10G", type=_size, help="bytes/s (QEMU's default is 128M)")
-    p.add_argument("--defer", action="store_true", help="start the destination with -incoming defer")
+    p.add_argument(
+        "--defer",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start the destination with -incoming defer (default: only a real QEMU cpr-transfer destination, "
+        "so the lab connects to its monitor before RESUME)",
+    )
     p.add_argument("--seed", default=1, type=int)
     p.add_argument("--timeout", default=60.0, type=float, help="seconds to wait for any one phase")
     p.add_argument("--prealloc", default="off", choices=["on", "off"], help="prealloc= of the memory backend")

@@ -138,7 +138,8 @@ def _pause_from_events(res: Result, src_events: list[dict[str, Any]], dst_events
     if stop and resume and stop.get("monotonic-ns") and resume.get("monotonic-ns"):
         res.pause_ms["events"] = round((resume["monotonic-ns"] - stop["monotonic-ns"]) / 1e6, 3)
     elif stop and not resume and has_dst and res.status == "completed":
-        res.notes.append("no RESUME seen: the destination resumed before its monitor was connected")
+        res.notes.append("no RESUME seen: the destination resumed before the lab connected to its monitor "
+                         "(start it with -incoming defer, --defer, so the lab connects first)")
 
 
 def _timeline(lab: Lab, res: Result, src: SourceRecord, dst_events: list[dict[str, Any]]) -> None:

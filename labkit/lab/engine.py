@@ -68,6 +68,9 @@ class Lab:
         self.scenario = scenario if scenario is not None else Scenario(**settings)
         self.scenario.check()  # before anything is spawned: one line, not an OOM kill
         self.runner = runner if runner is not None else get_runner(self.scenario.backend)
+        if self.scenario.defer is None:  # the lab's choice, recorded so the Result says what ran
+            auto = self.scenario.mode == "cpr-transfer" and not self.runner.keeps_event_history
+            self.scenario = self.scenario.with_(defer=auto)
         refusal = self.runner.refusal(self.scenario.mode)
         if refusal is not None:
             raise LabError(refusal)
@@ -106,7 +109,7 @@ class Lab:
 
     @property
     def defer(self) -> bool:
-        return self.scenario.defer
+        return bool(self.scenario.defer)
 
     @property
     def timeout(self) -> float:

@@ -64,7 +64,10 @@ class Scenario:
     max_bandwidth: int = 10 << 30
     events: bool = True
     # how the lab drives it
-    defer: bool = False  # -incoming defer, then migrate-incoming
+    # -incoming defer, then migrate-incoming. None: the lab's choice, which is to defer only a real QEMU
+    # cpr-transfer destination: its monitor opens after CPR state loads and QEMU keeps no event history, so
+    # the lab must connect before the main channel opens or it may miss RESUME (QEMU's own qtest defers too)
+    defer: bool | None = None
     warmup: float = 0.3  # seconds the guest runs before migrate
     holds: Holds = "when-stepped"  # hold both sides at each phase when stepped, where the runner can
     timeout: float = 60.0

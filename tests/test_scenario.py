@@ -118,3 +118,9 @@ def test_the_lab_defers_only_a_destination_that_would_lose_resume(backend, mode,
     with Lab(Scenario(backend=backend, mode=mode, ram="16M", defer=False)) as lab:
         assert lab.scenario.defer is False
     assert Scenario().defer is None
+
+
+def test_the_summary_names_huge_pages_when_the_run_used_them():
+    r = Result("emulated", "cpr-transfer", 64 << 20, "completed", scenario=Scenario(hugetlb="2M"))
+    assert r.summary().splitlines()[0].endswith("64.0 MiB guest RAM in 2.0 MiB pages): completed")
+    assert "pages" not in Result("emulated", "normal", 64 << 20, "completed").summary().splitlines()[0]

@@ -195,8 +195,10 @@ class Result:
         from labkit.qemu_syntax import human_size
 
         p = self.pause_ms
+        pages = self.scenario.hugetlb if self.scenario is not None else None
+        paged = f" in {human_size(pages)} pages" if pages else ""  # a hugetlb memfd (Scenario.hugetlb)
         lines = [
-            f"{self.mode} migration ({self.backend}, {human_size(self.ram_bytes)} guest RAM): {self.status}",
+            f"{self.mode} migration ({self.backend}, {human_size(self.ram_bytes)} guest RAM{paged}): {self.status}",
         ]
         if self.error and include_error:
             lines.append(f"  error: {self.error}")

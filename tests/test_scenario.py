@@ -8,12 +8,15 @@ import json
 
 import pytest
 
+from labkit.host.runners.qemu import qemu_missing
 from labkit.lab.engine import MODE_PHASES, PHASES, Lab, migrate
 from labkit.lab.progress import MigrationDetails, MigrationInfo
 from labkit.lab.report import Result
 from labkit.lab.scenario import ALL_MODES, LabError, Scenario
 
 pytestmark = pytest.mark.timeout(120)
+_QEMU_MISSING = qemu_missing()
+_ON_QEMU = [pytest.mark.qemu, pytest.mark.skipif(_QEMU_MISSING is not None, reason=f"{_QEMU_MISSING}")]
 
 
 def test_scenario_is_frozen_and_holds_sizes_in_bytes():
@@ -107,7 +110,11 @@ def test_a_lab_on_a_runner_that_cannot_hold_steps_without_holding():
 
 @pytest.mark.parametrize(
     ("backend", "mode", "defer"),
-    [("emulated", "cpr-transfer", False), ("qemu", "cpr-transfer", True), ("qemu", "normal", False)],
+    [
+        ("emulated", "cpr-transfer", False),
+        pytest.param("qemu", "cpr-transfer", True, marks=_ON_QEMU),
+        pytest.param("qemu", "normal", False, marks=_ON_QEMU),
+    ],
 )
 def test_the_lab_defers_only_a_destination_that_would_lose_resume(backend, mode, defer):
     """defer=None is the lab's choice: -incoming defer for real QEMU's cpr-transfer destination (no event

@@ -70,7 +70,6 @@ class HandDriven(contextlib.ExitStack):
         """A cpr-transfer destination, `-incoming main -incoming <cpr channel>`: it opens its monitor only once
         the source's `migrate` has sent CPR state, so it is not connected; returned once it listens on cpr."""
         m = self.start(config.with_incoming(main, unix_channel(cpr_path, "cpr")), connect=False)
-        wait_until(
-            lambda: os.path.exists(cpr_path), "the destination to listen on the cpr channel", self.timeout, m
-        )
+        what = "the destination to listen on the cpr channel"
+        wait_until(lambda: os.path.exists(cpr_path), what, self.timeout, m)
         return m

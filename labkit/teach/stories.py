@@ -97,9 +97,10 @@ def _connectable(m: Machine, timeout: float) -> str:
 
 def _defer_lab(ram: str | int, dirty_rate: str | int, timeout: float) -> Lab:
     """A cpr-transfer Lab whose destination starts with `-incoming defer -incoming <cpr>` and gets
-    `migrate-incoming` once connected, unheld, so a story can look at (and talk to) both sides between steps."""
-    settings = {"ram": ram, "dirty_rate": dirty_rate, "timeout": timeout}  # sizes as QEMU spells them
-    return Lab(Scenario(mode="cpr-transfer", defer=True, holds="never", **settings))  # type: ignore[arg-type]
+    `migrate-incoming` once connected, unheld, so a story can look at (and talk to) both sides between steps.
+    Sizes may be spelled as QEMU spells them ("64M"): the Scenario parses them."""
+    settings: dict[str, Any] = {"ram": ram, "dirty_rate": dirty_rate, "timeout": timeout}
+    return Lab(Scenario(mode="cpr-transfer", defer=True, holds="never", **settings))
 
 
 def defer_walkthrough(ram: str | int = "64M", dirty_rate: str | int = "16M", timeout: float = 30.0):
@@ -114,7 +115,9 @@ def defer_walkthrough(ram: str | int = "64M", dirty_rate: str | int = "16M", tim
         lab.step()  # start the destination; it listens on the cpr socket
         assert lab.dst is not None and lab.src is not None, lab.error
         dst = lab.dst
-        steps.note("destination", "start: -incoming defer -incoming {cpr channel}", "listening on the cpr socket")
+        steps.note(
+            "destination", "start: -incoming defer -incoming {cpr channel}", "listening on the cpr socket"
+        )
         steps.note("destination", "does its QMP socket exist?", os.path.exists(dst.qmp_path))
         steps.note("destination", "connect to QMP (1 s)", _connectable(dst, 1.0))
         lab.step()  # migrate channels=[main, cpr]
@@ -123,7 +126,11 @@ def defer_walkthrough(ram: str | int = "64M", dirty_rate: str | int = "16M", tim
         steps.note("destination", "connect to QMP", _connectable(dst, timeout))
         steps.note("destination", "query-status", dst.cmd("query-status")["status"])
         lab.step()  # migrate-incoming on the destination
-        steps.note("destination", f"migrate-incoming unix:{os.path.basename(lab.main_path)}", "{} (listens, closes cpr)")
+        steps.note(
+            "destination",
+            f"migrate-incoming unix:{os.path.basename(lab.main_path)}",
+            "{} (listens, closes cpr)",
+        )
         result = lab.run()
     steps.note("source", "query-migrate", result.status)
     steps.note("destination", "query-status", result.states.get("destination"))
@@ -145,11 +152,17 @@ def port_zero_walkthrough(ram: str | int = "32M", timeout: float = 30.0):
         src = vms.start(VMConfig(name="source", ram=size, guest=GuestConfig(dirty_rate=8 << 20)))
         cpr = vms.path("cpr.sock")
         dst = vms.start_cpr_destination(VMConfig(name="destination", ram=size), "tcp:127.0.0.1:0", cpr)
-        steps.note("destination", "start: -incoming tcp:127.0.0.1:0 -incoming {cpr channel}", "waits on the cpr socket")
+        steps.note(
+            "destination",
+            "start: -incoming tcp:127.0.0.1:0 -incoming {cpr channel}",
+            "waits on the cpr socket",
+        )
         src.cmd("migrate-set-parameters", {"mode": "cpr-transfer"})
         try:
             src.cmd("migrate", {"channels": [inet_channel("127.0.0.1", 0), unix_channel(cpr, "cpr")]})
-            steps.note("source", "migrate channels=[main tcp 127.0.0.1:0, cpr]", "{} (accepted: CPR state sent)")
+            steps.note(
+                "source", "migrate channels=[main tcp 127.0.0.1:0, cpr]", "{} (accepted: CPR state sent)"
+            )
         except QMPCommandError as e:
             steps.note("source", "migrate channels=[main tcp 127.0.0.1:0, cpr]", f"refused: {e}")
         dst.connect(timeout)
@@ -313,7 +326,8 @@ def cancel_during_hangup_wait(ram: str | int = "64M", dirty_rate: str | int = "1
         src, dst = lab.src, lab.dst
         assert src is not None and dst is not None, lab.error
         note("source", "migrate channels=[main, cpr]", "{} (fds sent)")
-        dst.connect(timeout)  # it has read the fds and opened its monitor; it will not hang up before migrate-incoming
+        # it has read the fds and opened its monitor; it will not hang up before migrate-incoming
+        dst.connect(timeout)
         note("source", "query-migrate", f"{lab.progress(src).status} (waiting for the hang-up)")
         src.cmd("migrate_cancel")
         note("source", "migrate_cancel", "{}")
@@ -322,7 +336,9 @@ def cancel_during_hangup_wait(ram: str | int = "64M", dirty_rate: str | int = "1
         note("source", "query-status", src.cmd("query-status")["status"])
         note("source", "x-labkit-verify", _verdict(lab.runner.verify(src)))
         note("destination", "query-status", dst.cmd("query-status")["status"])
-        note("destination", "holds the source's ram0 memfd (same inode)?", _ram0_inode(dst) == _ram0_inode(src))
+        note(
+            "destination", "holds the source's ram0 memfd (same inode)?", _ram0_inode(dst) == _ram0_inode(src)
+        )
         dst.kill()
         note("destination", "SIGKILL (it must never run this guest)", "killed")
         note("source", "x-labkit-verify", _verdict(lab.runner.verify(src)))

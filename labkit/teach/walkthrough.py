@@ -138,7 +138,9 @@ def step_through_switchover(
     with HandDriven(backend, timeout) as vms:
         main, cpr = vms.path("main.sock"), vms.path("cpr.sock")
         try:
-            src = vms.start(VMConfig(name="source", ram=size, guest=GuestConfig(dirty_rate=parse_size(dirty_rate))))
+            src = vms.start(
+                VMConfig(name="source", ram=size, guest=GuestConfig(dirty_rate=parse_size(dirty_rate)))
+            )
             walk.argv["source"] = list(src.argv)
             vms.runner.ready(src)  # real QEMU: the guest has booted and writes its RAM
             caps = [

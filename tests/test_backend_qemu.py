@@ -141,18 +141,18 @@ def test_a_vm_that_does_not_start_is_named_in_qemus_words_without_the_trace_time
 
 @pytest.mark.timeout(60)
 def test_guest_stats_see_a_stop_as_a_gap_since_reset():
-    ops = QemuRunner()
+    runner = QemuRunner()
     with spawn(VMConfig(name="g", ram=64 * MiB), backend="qemu") as m:
-        ops.reset_gap(m)  # waits for the guest to run
+        runner.reset_gap(m)  # waits for the guest to run
         m.cmd("stop")
         time.sleep(0.1)
         m.cmd("cont")
-        seq = ops.read_heartbeat(m).seq
+        seq = runner.read_heartbeat(m).seq
         deadline = time.monotonic() + 10
-        while ops.read_heartbeat(m).seq < seq + 100:  # it ran on after cont, so it logged the gap
+        while runner.read_heartbeat(m).seq < seq + 100:  # it ran on after cont, so it logged the gap
             assert time.monotonic() < deadline, "the guest never wrote a page after cont"
             time.sleep(0.01)
-        s = ops.guest_stats(m)
+        s = runner.guest_stats(m)
         assert s["heartbeat-seq"] > 0 and s["pages-written"] == s["heartbeat-seq"]
         assert s["bytes-written"] == 4096 * s["heartbeat-seq"]
         if s["accel"] == "kvm":
@@ -161,10 +161,10 @@ def test_guest_stats_see_a_stop_as_a_gap_since_reset():
             assert s["max-gap-ns"] >= 50_000_000
         else:
             assert s["max-gap-ns"] is None and "TCG" in s["max-gap-why"]
-        v = ops.verify(m)
+        v = runner.verify(m)
         assert v["ok"], v
         assert m.cmd("query-status")["status"] == "running"  # verify stopped it and let it run on
-        blocks = {b["name"]: b for b in ops.ram_blocks(m)}
+        blocks = {b["name"]: b for b in runner.ram_blocks(m)}
         assert blocks["ram0"]["size"] == 64 * MiB
         assert blocks["ram0"]["path"] == "/memfd:memory-backend-memfd (deleted)"
         assert {"pc.bios", "pc.rom", "/rom@etc/acpi/rsdp"} <= set(blocks)
@@ -172,19 +172,19 @@ def test_guest_stats_see_a_stop_as_a_gap_since_reset():
 
 @pytest.mark.timeout(60)
 def test_paced_guest_sees_a_stop_inside_its_pacing_wait():
-    ops = QemuRunner()
+    runner = QemuRunner()
     cfg = VMConfig(name="p", ram=64 * MiB, memory_backend="ram", share=False, guest=GuestConfig(16 * MiB))
     with spawn(cfg, backend="qemu") as m:
-        ops.reset_gap(m)
+        runner.reset_gap(m)
         m.cmd("stop")
         time.sleep(0.1)
         m.cmd("cont")
         time.sleep(0.3)
-        s = ops.guest_stats(m)
+        s = runner.guest_stats(m)
         assert s["dirty-rate"] == 16 * MiB
         if s["accel"] == "kvm":
             assert s["max-gap-ns"] is not None and s["max-gap-ns"] >= 50_000_000, s
-        v = ops.verify(m)  # private RAM: read through /proc/PID/mem while stopped
+        v = runner.verify(m)  # private RAM: read through /proc/PID/mem while stopped
         assert v["ok"] and "/mem" in v["read-through"], v
 
 

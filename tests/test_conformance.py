@@ -19,7 +19,7 @@ from helpers import CPR_TRANSFER_SOURCE_EVENTS, unix, wait_for
 
 from labkit.host.hardware import VMConfig
 from labkit.host.qmp_sync import QMPCommandError
-from labkit.host.runners import get_backend, spawn
+from labkit.host.runners import get_runner, spawn
 from labkit.host.runners import qemu_guest as qg
 from labkit.host.runners.qemu import qemu_missing
 from labkit.lab.engine import Lab
@@ -301,7 +301,7 @@ def _source_config(name: str, backend: str, ram: int = 32 * MiB) -> VMConfig:
 
 def _spawn_source(cfg: VMConfig, backend: str):
     m = spawn(cfg, backend=backend)
-    ready = getattr(get_backend(backend), "ready", None)
+    ready = getattr(get_runner(backend), "ready", None)
     if ready is not None:
         ready(m)  # real QEMU: the guest runs (and dirties) before we migrate
     m.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
@@ -358,7 +358,7 @@ def walk_states(backend: str, d: str) -> dict:
                 out["rescued: status"] = end["status"]
                 dst = wait_until(t, lambda i: i.get("status") in ("completed", "failed"), "dst end")
                 out["destination completed"] = shape(dst)
-                out["rescued: verified"] = bool(get_backend(backend).verify(t).get("ok"))
+                out["rescued: verified"] = bool(get_runner(backend).verify(t).get("ok"))
             else:
                 s.cmd("migrate_cancel")
                 out["source cancelled (active)"] = shape(

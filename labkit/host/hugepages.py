@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from labkit.errors import LabkitError
+from labkit.host.procfs import Mapping, parse_maps_line
 from labkit.qemu_syntax import KiB, SizeError, format_size, human_size, parse_size
 
 SYSFS_HUGEPAGES = "/sys/kernel/mm/hugepages"
@@ -175,17 +176,11 @@ def pool_reserved(page_size: int, pages: int) -> Iterator[HugePagePool]:
 # ------------------------------------------------------------------------------------------ smaps
 
 
-_SMAPS_HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+)\s+\S+\s+[0-9a-f]+\s+\S+\s+(\d+)\s*(.*)$")
+@dataclass
+class SmapsEntry(Mapping):
+    """One mapping in /proc/PID/smaps: its maps line (smaps' header line has the same fields, parsed once in
+    labkit.host.procfs), and the page-size facts smaps adds below it."""
 
-
-@dataclass(frozen=True)
-class SmapsEntry:
-    """The page-size facts of one mapping in /proc/PID/smaps."""
-
-    start: int
-    end: int
-    inode: int
-    path: str
     kernel_page_size: int  # bytes: the page size the kernel backs this mapping with
     mmu_page_size: int
     hugetlb_bytes: int  # Shared_Hugetlb + Private_Hugetlb: huge pages mapped now
@@ -196,13 +191,13 @@ def read_smaps(pid: int | str) -> list[SmapsEntry]:
     hugetlb mapping. This is where one sees which page size guest RAM really got."""
     entries: list[SmapsEntry] = []
     cur: dict[str, int] = {}
-    head: tuple[int, int, int, str] | None = None
+    head: Mapping | None = None
 
     def flush() -> None:
         if head is not None:
             entries.append(
                 SmapsEntry(
-                    *head,
+                    **vars(head),
                     kernel_page_size=cur.get("KernelPageSize", 4) * KiB,
                     mmu_page_size=cur.get("MMUPageSize", 4) * KiB,
                     hugetlb_bytes=(cur.get("Shared_Hugetlb", 0) + cur.get("Private_Hugetlb", 0)) * KiB,
@@ -211,11 +206,10 @@ def read_smaps(pid: int | str) -> list[SmapsEntry]:
 
     with open(f"/proc/{pid}/smaps") as f:
         for line in f:
-            m = _SMAPS_HEADER.match(line)
-            if m:
+            mapping = parse_maps_line(line)
+            if mapping is not None:
                 flush()
-                head = (int(m.group(1), 16), int(m.group(2), 16), int(m.group(3)), m.group(4).strip())
-                cur = {}
+                head, cur = mapping, {}
                 continue
             key, _, rest = line.partition(":")
             parts = rest.split()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 __all__ = [
     "Mapping",
     "FdInfo",
+    "parse_maps_line",
     "read_maps",
     "ram_block_mappings",
     "read_fds",
@@ -69,26 +70,27 @@ def _proc(pid: int | str) -> str:
     return f"/proc/{pid}"
 
 
+def parse_maps_line(line: str) -> Mapping | None:
+    """One line of /proc/PID/maps, or the header line of one mapping in /proc/PID/smaps (the same fields);
+    None for any other line (smaps' ``Key: value kB`` lines)."""
+    m = _MAPS_LINE.match(line.rstrip("\n"))
+    if m is None:
+        return None
+    return Mapping(
+        start=int(m["start"], 16),
+        end=int(m["end"], 16),
+        perms=m["perms"],
+        offset=int(m["offset"], 16),
+        dev=m["dev"],
+        inode=int(m["inode"]),
+        path=m["path"],
+    )
+
+
 def read_maps(pid: int | str) -> list[Mapping]:
     """Parse /proc/PID/maps (``pid`` may be ``"self"``)."""
-    out = []
     with open(f"{_proc(pid)}/maps") as f:
-        for line in f:
-            m = _MAPS_LINE.match(line.rstrip("\n"))
-            if m is None:
-                continue
-            out.append(
-                Mapping(
-                    start=int(m["start"], 16),
-                    end=int(m["end"], 16),
-                    perms=m["perms"],
-                    offset=int(m["offset"], 16),
-                    dev=m["dev"],
-                    inode=int(m["inode"]),
-                    path=m["path"],
-                )
-            )
-    return out
+        return [m for m in map(parse_maps_line, f) if m is not None]
 
 
 def _memfd_paths(name: str) -> tuple[str, ...]:

@@ -23,6 +23,7 @@ from labkit.host.machine import Machine
 from labkit.host.procfs import read_fds
 from labkit.host.qmp_sync import QMPCommandError, QMPTimeout
 from labkit.host.runners import Runner, get_runner
+from labkit.host.wait import WaitError, wait_until
 from labkit.lab.collect import SourceRecord, block_mappings, collect, details_of, read_source
 from labkit.lab.cpr_exec import PHASES as CPR_EXEC_PHASES
 from labkit.lab.facts import HostFacts
@@ -373,21 +374,11 @@ class Lab:
         interval: float = 0.02,
         nap: Callable[[float], None] = time.sleep,
     ) -> None:
-        """Poll cond() until it holds. Polling is gentle (20 ms): every QMP round trip costs both processes
-        CPU that a 2-core machine would otherwise give to the migration being measured."""
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if m is not None and not m.alive():
-                self.failed(f"waiting for {what}: the process exited ({m.exit_reason()})")
-                return
-            try:
-                if cond():
-                    return
-            except (QMPCommandError, QMPTimeout, ConnectionError):
-                pass
-            self._observe()
-            nap(interval)
-        self.failed(f"timed out after {self.timeout} s waiting for {what}")
+        """Poll cond() until it holds (labkit.host.wait); a timeout or an exited process fails the lab."""
+        try:
+            wait_until(cond, what, self.timeout, m, interval, nap, between=self._observe)
+        except WaitError as e:
+            self.failed(str(e))
 
     def wait_status(self, statuses: tuple[str, ...]) -> None:
         """Wait for the source's migration status. With the events capability on, MIGRATION events say it:

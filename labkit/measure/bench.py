@@ -155,9 +155,9 @@ def vm_bench(reps: int = 3, ram: int = 1024 * MiB) -> dict[str, Any]:
     spawn_s, quiesce_ms, steady, first_touch, extra_rss = [], [], [], [], []
 
     def rate(m, seconds: float) -> float:
-        a = m.cmd("x-labkit-guest-stats")
+        a = m.runner.guest_stats(m)
         time.sleep(seconds)
-        b = m.cmd("x-labkit-guest-stats")
+        b = m.runner.guest_stats(m)
         return (b["bytes-written"] - a["bytes-written"]) / ((b["vm-clock-ns"] - a["vm-clock-ns"]) / 1e9)
 
     for _ in range(reps):
@@ -171,7 +171,7 @@ def vm_bench(reps: int = 3, ram: int = 1024 * MiB) -> dict[str, Any]:
             steady.append(rate(m, 1.0))
             for _ in range(5):
                 m.cmd("stop")
-                quiesce_ms.append(m.cmd("x-labkit-guest-stats")["last-stop-quiesce-ns"] / 1e6)
+                quiesce_ms.append(m.runner.guest_stats(m)["last-stop-quiesce-ns"] / 1e6)
                 m.cmd("cont")
                 time.sleep(0.05)
             extra_rss.append((_status_kib(m.pid, "RssAnon") + _status_kib(m.pid, "RssFile")) * 1024)
@@ -201,9 +201,9 @@ def available_backends(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
                 skipped[b] = "qemu-system-x86_64 >= 10.0 not installed (scripts/install-qemu)"
                 continue
             try:
-                from labkit.host.runners import get_backend
+                from labkit.host.runners import get_runner
 
-                get_backend("qemu")
+                get_runner("qemu")
             except Exception as e:  # noqa: BLE001 - any reason the backend cannot load is reported
                 skipped[b] = f"qemu backend unavailable: {e}"
                 continue

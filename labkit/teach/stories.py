@@ -3,6 +3,9 @@
 A notebook cell must leave no process behind, yet the lesson is often an order of QMP commands across two
 processes (-incoming defer) or what a source does when its destination dies. These functions drive real VMs
 through such a story inside one call, record each command and what came back, and end every process.
+Where the story's commands are the Lab's phases, it steps a Lab (labkit.lab.engine) and looks, or adds its
+own commands, between the steps; only what the Lab never sends (one refused `migrate`, an inet main channel)
+is driven by hand, on labkit.teach.hand_driven.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from labkit.host.hardware import VMConfig
 from labkit.host.machine import Machine
 from labkit.host.qmp_sync import QMPCommandError, QMPTimeout
 from labkit.host.runners import spawn
+from labkit.host.wait import wait_until
 from labkit.lab.engine import Lab
 from labkit.lab.report import Result
 from labkit.lab.scenario import Scenario
 from labkit.qemu_syntax import GuestConfig, parse_size, unix_channel
+from labkit.teach.hand_driven import HandDriven, Steps
 
 
 def file_channel(filename: str, channel_type: str = "main") -> dict[str, Any]:
@@ -56,7 +61,8 @@ def try_migrate(
     args: dict[str, Any], config: VMConfig | None = None, mode: str = "cpr-transfer", settle: float = 0.2
 ) -> Attempt:
     """Start a source VM, set the migration mode, send one `migrate` with `args`, and report what the source
-    said and how it is afterwards (still running, memory intact). The VM ends before this returns."""
+    said and how it is afterwards (still running, memory intact). The VM ends before this returns. One VM and
+    one command, by hand: a refusal happens before there is any migration for the Lab to run."""
     config = config or VMConfig(name="source", ram=32 << 20, guest=GuestConfig(dirty_rate=8 << 20))
     with spawn(config) as m:
         m.cmd("migrate-set-parameters", {"mode": mode})
@@ -89,57 +95,47 @@ def _connectable(m: Machine, timeout: float) -> str:
         return f"cannot connect ({type(e).__name__})"
 
 
+def _defer_lab(ram: str | int, dirty_rate: str | int, timeout: float) -> Lab:
+    """A cpr-transfer Lab whose destination starts with `-incoming defer -incoming <cpr>` and gets
+    `migrate-incoming` once connected, unheld, so a story can look at (and talk to) both sides between steps.
+    Sizes may be spelled as QEMU spells them ("64M"): the Scenario parses them."""
+    settings: dict[str, Any] = {"ram": ram, "dirty_rate": dirty_rate, "timeout": timeout}
+    return Lab(Scenario(mode="cpr-transfer", defer=True, holds="never", **settings))
+
+
 def defer_walkthrough(ram: str | int = "64M", dirty_rate: str | int = "16M", timeout: float = 30.0):
     """cpr-transfer to a destination started with `-incoming defer -incoming <cpr>`, step by step: the
     destination has no monitor until the source has sent `migrate`; only then may one talk to it and send
-    `migrate-incoming`. Returns a DataFrame: step, to whom, what was sent, what came back."""
-    import pandas as pd
-
-    size = parse_size(ram, "m") if isinstance(ram, str) else ram
-    rows: list[dict[str, Any]] = []
-
-    def note(who: str, sent: str, seen: Any) -> None:
-        rows.append({"step": len(rows) + 1, "to": who, "sent / looked at": sent, "came back": seen})
-
-    cfg = VMConfig(name="source", ram=size, guest=GuestConfig(dirty_rate=parse_size(dirty_rate)))
-    src = spawn(cfg)
-    dst = None
-    try:
-        main = f"{src.run_dir}/main.sock"
-        cpr = f"{src.run_dir}/cpr.sock"
-        src.cmd("migrate-set-parameters", {"mode": "cpr-transfer"})
-        note("source", "migrate-set-parameters mode=cpr-transfer", "{}")
-        dcfg = VMConfig(name="destination", ram=size).with_incoming("defer", unix_channel(cpr, "cpr"))
-        dst = spawn(dcfg, connect=False)
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(cpr) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        note("destination", "start: -incoming defer -incoming {cpr channel}", "listening on the cpr socket")
-        note("destination", "does its QMP socket exist?", os.path.exists(dst.qmp_path))
-        note("destination", "connect to QMP (1 s)", _connectable(dst, 1.0))
-        src.cmd("migrate", {"channels": [unix_channel(main), unix_channel(cpr, "cpr")]})
-        note("source", "migrate channels=[main, cpr]", "{} (CPR state and fds sent)")
-        status = src.cmd("query-migrate").get("status")
-        note("source", "query-migrate", f"{status} (waiting for the cpr hang-up)")
-        note("destination", "connect to QMP", _connectable(dst, timeout))
-        note("destination", "query-status", dst.cmd("query-status")["status"])
-        dst.cmd("migrate-incoming", {"uri": f"unix:{main}"})
-        note("destination", f"migrate-incoming unix:{os.path.basename(main)}", "{} (listens, closes cpr)")
-        while (
-            src.cmd("query-migrate").get("status") not in ("completed", "failed")
-            and time.monotonic() < deadline
-        ):
-            time.sleep(0.02)
-        note("source", "query-migrate", src.cmd("query-migrate").get("status"))
-        while dst.cmd("query-status")["status"] != "running" and time.monotonic() < deadline:
-            time.sleep(0.02)
-        note("destination", "query-status", dst.cmd("query-status")["status"])
-        note("destination", "x-labkit-verify (guest memory)", bool(dst.runner.verify(dst).get("ok")))
-    finally:
-        if dst is not None:
-            dst.shutdown(timeout=5)
-        src.shutdown(timeout=5)
-    return pd.DataFrame(rows)
+    `migrate-incoming`. These are the Lab's own phases with defer on; the story looks between them. Returns a
+    DataFrame: step, to whom, what was sent, what came back."""
+    steps = Steps()
+    with _defer_lab(ram, dirty_rate, timeout) as lab:
+        lab.step()  # start the source: migrate-set-parameters mode=cpr-transfer
+        steps.note("source", "migrate-set-parameters mode=cpr-transfer", "{}")
+        lab.step()  # start the destination; it listens on the cpr socket
+        assert lab.dst is not None and lab.src is not None, lab.error
+        dst = lab.dst
+        steps.note(
+            "destination", "start: -incoming defer -incoming {cpr channel}", "listening on the cpr socket"
+        )
+        steps.note("destination", "does its QMP socket exist?", os.path.exists(dst.qmp_path))
+        steps.note("destination", "connect to QMP (1 s)", _connectable(dst, 1.0))
+        lab.step()  # migrate channels=[main, cpr]
+        steps.note("source", "migrate channels=[main, cpr]", "{} (CPR state and fds sent)")
+        steps.note("source", "query-migrate", f"{lab.progress(lab.src).status} (waiting for the cpr hang-up)")
+        steps.note("destination", "connect to QMP", _connectable(dst, timeout))
+        steps.note("destination", "query-status", dst.cmd("query-status")["status"])
+        lab.step()  # migrate-incoming on the destination
+        steps.note(
+            "destination",
+            f"migrate-incoming unix:{os.path.basename(lab.main_path)}",
+            "{} (listens, closes cpr)",
+        )
+        result = lab.run()
+    steps.note("source", "query-migrate", result.status)
+    steps.note("destination", "query-status", result.states.get("destination"))
+    steps.note("destination", "x-labkit-verify (guest memory)", result.guest_verified)
+    return steps.frame()
 
 
 # -- cpr-transfer to an inet main channel with port 0 -----------------------------------------------------
@@ -147,44 +143,40 @@ def port_zero_walkthrough(ram: str | int = "32M", timeout: float = 30.0):
     """cpr-transfer with the main channel on inet port 0, as QEMU 10.0.2 runs it: nothing refuses the port.
     The destination listens on a port the kernel picks (its query-migrate socket-address names it); the
     source sends CPR state, then cannot connect to port 0 and fails, its guest still running. Returns a
-    DataFrame: step, to whom, what was sent, what came back."""
-    import pandas as pd
+    DataFrame: step, to whom, what was sent, what came back.
 
+    Driven by hand: the Lab's channels are unix sockets, and this lesson is the inet channel's."""
     size = parse_size(ram, "m") if isinstance(ram, str) else ram
-    rows: list[dict[str, Any]] = []
-
-    def note(who: str, sent: str, seen: Any) -> None:
-        rows.append({"step": len(rows) + 1, "to": who, "sent / looked at": sent, "came back": seen})
-
-    src = spawn(VMConfig(name="source", ram=size, guest=GuestConfig(dirty_rate=8 << 20)))
-    dst = None
-    try:
-        cpr = f"{src.run_dir}/cpr.sock"
-        dcfg = VMConfig(name="destination", ram=size).with_incoming("tcp:127.0.0.1:0", unix_channel(cpr, "cpr"))
-        dst = spawn(dcfg, connect=False)
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(cpr) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        note("destination", "start: -incoming tcp:127.0.0.1:0 -incoming {cpr channel}", "waits on the cpr socket")
+    steps = Steps()
+    with HandDriven(timeout=timeout) as vms:
+        src = vms.start(VMConfig(name="source", ram=size, guest=GuestConfig(dirty_rate=8 << 20)))
+        cpr = vms.path("cpr.sock")
+        dst = vms.start_cpr_destination(VMConfig(name="destination", ram=size), "tcp:127.0.0.1:0", cpr)
+        steps.note(
+            "destination",
+            "start: -incoming tcp:127.0.0.1:0 -incoming {cpr channel}",
+            "waits on the cpr socket",
+        )
         src.cmd("migrate-set-parameters", {"mode": "cpr-transfer"})
         try:
             src.cmd("migrate", {"channels": [inet_channel("127.0.0.1", 0), unix_channel(cpr, "cpr")]})
-            note("source", "migrate channels=[main tcp 127.0.0.1:0, cpr]", "{} (accepted: CPR state sent)")
+            steps.note(
+                "source", "migrate channels=[main tcp 127.0.0.1:0, cpr]", "{} (accepted: CPR state sent)"
+            )
         except QMPCommandError as e:
-            note("source", "migrate channels=[main tcp 127.0.0.1:0, cpr]", f"refused: {e}")
+            steps.note("source", "migrate channels=[main tcp 127.0.0.1:0, cpr]", f"refused: {e}")
         dst.connect(timeout)
-        info = dst.cmd("query-migrate")
-        note("destination", "query-migrate", info)
-        while src.cmd("query-migrate").get("status") not in ("failed", "completed") and time.monotonic() < deadline:
-            time.sleep(0.02)
-        note("source", "query-migrate", src.cmd("query-migrate"))
-        note("source", "query-status", src.cmd("query-status")["status"])
-        note("source", "x-labkit-verify (guest memory)", bool(src.runner.verify(src).get("ok")))
-    finally:
-        if dst is not None:
-            dst.kill()
-        src.shutdown(timeout=5)
-    return pd.DataFrame(rows)
+        steps.note("destination", "query-migrate", dst.cmd("query-migrate"))
+        wait_until(
+            lambda: src.cmd("query-migrate").get("status") in ("failed", "completed"),
+            "the source's migration to end",
+            timeout,
+            src,
+        )
+        steps.note("source", "query-migrate", src.cmd("query-migrate"))
+        steps.note("source", "query-status", src.cmd("query-status")["status"])
+        steps.note("source", "x-labkit-verify (guest memory)", bool(src.runner.verify(src).get("ok")))
+    return steps.frame()
 
 
 # -- the destination dies mid-way ------------------------------------------------------------------------
@@ -256,14 +248,9 @@ def cont_after_handoff(ram: str | int = "64M", dirty_rate: str | int = "32M", ru
     Both guests now run on the same memfd: the new one with its current device state, the old one with the
     stale state it had at STOP. After `run_for` seconds each guest checks its own memory. Returns a DataFrame
     of steps; the destination's check is the one that must catch the damage."""
-    import pandas as pd
-
-    rows: list[dict[str, Any]] = []
-
-    def note(who: str, sent: str, seen: Any) -> None:
-        rows.append({"step": len(rows) + 1, "to": who, "sent / looked at": sent, "came back": seen})
-
-    with Lab(Scenario(mode="cpr-transfer", ram=parse_size(ram, "m"), dirty_rate=parse_size(dirty_rate))) as lab:
+    steps = Steps()
+    note = steps.note
+    with Lab(mode="cpr-transfer", ram=ram, dirty_rate=dirty_rate) as lab:
         result = lab.run()
         assert lab.src is not None and lab.dst is not None
         note("both", "cpr-transfer", f"{result.status}; destination memory verified: {result.guest_verified}")
@@ -280,7 +267,7 @@ def cont_after_handoff(ram: str | int = "64M", dirty_rate: str | int = "32M", ru
         note("both", "the same ram0 memfd (inode)?", same)
         check = lab.dst.runner.verify(lab.dst)
         note("destination", "x-labkit-verify (after)", _verdict(check))
-    return pd.DataFrame(rows)
+    return steps.frame()
 
 
 def _verdict(check: dict) -> str:
@@ -300,14 +287,9 @@ def source_dies_after_handoff(ram: str | int = "64M", dirty_rate: str | int = "1
     source there, and look at what is left: the guest's RAM lives on in the destination's memfds (the
     kernel frees a memfd only when no process refers to it), but nobody will ever send the device state, so
     no process can run the guest. Returns a DataFrame of steps."""
-    import pandas as pd
-
-    rows: list[dict[str, Any]] = []
-
-    def note(who: str, sent: str, seen: Any) -> None:
-        rows.append({"step": len(rows) + 1, "to": who, "sent / looked at": sent, "came back": seen})
-
-    with Lab(Scenario(mode="cpr-transfer", ram=parse_size(ram, "m"), dirty_rate=parse_size(dirty_rate))) as lab:
+    steps = Steps()
+    note = steps.note
+    with Lab(mode="cpr-transfer", ram=ram, dirty_rate=dirty_rate) as lab:
         for _ in range(4):
             snap = lab.step()
         assert lab.src is not None and lab.dst is not None
@@ -327,57 +309,37 @@ def source_dies_after_handoff(ram: str | int = "64M", dirty_rate: str | int = "1
             note("destination", "cont", f"refused: {e}")
         time.sleep(0.2)
         note("destination", "query-status", lab.dst.cmd("query-status")["status"])
-    return pd.DataFrame(rows)
+    return steps.frame()
 
 
 def cancel_during_hangup_wait(ram: str | int = "64M", dirty_rate: str | int = "16M", timeout: float = 30.0):
     """cpr-transfer to a destination started with -incoming defer: after `migrate` the source has sent its
     fds and waits for the destination's hang-up, which never comes until `migrate-incoming`. Cancel it there.
     The source goes back to `running`, its memory intact; the destination still holds the same memfds but
-    never ran the guest, and must be killed. Returns a DataFrame of steps."""
-    import pandas as pd
-
-    size = parse_size(ram, "m") if isinstance(ram, str) else ram
-    rows: list[dict[str, Any]] = []
-
-    def note(who: str, sent: str, seen: Any) -> None:
-        rows.append({"step": len(rows) + 1, "to": who, "sent / looked at": sent, "came back": seen})
-
-    src = spawn(VMConfig(name="source", ram=size, guest=GuestConfig(dirty_rate=parse_size(dirty_rate))))
-    dst = None
-    try:
-        main, cpr = f"{src.run_dir}/main.sock", f"{src.run_dir}/cpr.sock"
-        src.cmd("migrate-set-parameters", {"mode": "cpr-transfer"})
-        dcfg = VMConfig(name="destination", ram=size).with_incoming("defer", unix_channel(cpr, "cpr"))
-        dst = spawn(dcfg, connect=False)
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(cpr) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        src.cmd("migrate", {"channels": [unix_channel(main), unix_channel(cpr, "cpr")]})
+    never ran the guest, and must be killed. The Lab's phases with defer on, up to `migrate`; then the cancel,
+    which the Lab never sends, by hand. Returns a DataFrame of steps."""
+    steps = Steps()
+    note = steps.note
+    with _defer_lab(ram, dirty_rate, timeout) as lab:
+        for _ in range(3):  # start the source, the destination (-incoming defer + cpr), migrate
+            lab.step()
+        src, dst = lab.src, lab.dst
+        assert src is not None and dst is not None, lab.error
         note("source", "migrate channels=[main, cpr]", "{} (fds sent)")
-        dst.connect(
-            timeout
-        )  # it has read the fds and opened its monitor; it will not hang up before migrate-incoming
-        note("source", "query-migrate", f"{src.cmd('query-migrate').get('status')} (waiting for the hang-up)")
+        # it has read the fds and opened its monitor; it will not hang up before migrate-incoming
+        dst.connect(timeout)
+        note("source", "query-migrate", f"{lab.progress(src).status} (waiting for the hang-up)")
         src.cmd("migrate_cancel")
         note("source", "migrate_cancel", "{}")
-        while (
-            src.cmd("query-migrate").get("status") not in ("cancelled", "failed")
-            and time.monotonic() < deadline
-        ):
-            time.sleep(0.02)
-        note("source", "query-migrate", src.cmd("query-migrate").get("status"))
+        lab.wait_for(lambda: lab.progress(src).status in ("cancelled", "failed"), "the cancel", src)
+        note("source", "query-migrate", lab.progress(src).status)
         note("source", "query-status", src.cmd("query-status")["status"])
-        note("source", "x-labkit-verify", _verdict(src.runner.verify(src)))
+        note("source", "x-labkit-verify", _verdict(lab.runner.verify(src)))
         note("destination", "query-status", dst.cmd("query-status")["status"])
         note(
             "destination", "holds the source's ram0 memfd (same inode)?", _ram0_inode(dst) == _ram0_inode(src)
         )
         dst.kill()
         note("destination", "SIGKILL (it must never run this guest)", "killed")
-        note("source", "x-labkit-verify", _verdict(src.runner.verify(src)))
-    finally:
-        if dst is not None:
-            dst.kill()
-        src.shutdown(timeout=5)
-    return pd.DataFrame(rows)
+        note("source", "x-labkit-verify", _verdict(lab.runner.verify(src)))
+    return steps.frame()

@@ -10,8 +10,6 @@ pause phase by phase on real QEMU too. The same calls drive the emulator, which 
 from __future__ import annotations
 
 import json
-import os
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +17,10 @@ from labkit.host.hardware import VMConfig
 from labkit.host.machine import Machine
 from labkit.host.qmp_sync import QMPCommandError
 from labkit.host.runners import get_runner
+from labkit.host.wait import WaitError, wait_until
 from labkit.lab.progress import MigrationInfo
 from labkit.qemu_syntax import GuestConfig, parse_size, unix_channel
+from labkit.teach.hand_driven import HandDriven
 
 
 @dataclass
@@ -101,17 +101,13 @@ class _Client:
         """query-migrate, parsed, as a poll that does not belong in the transcript."""
         return MigrationInfo.from_qmp(self.quietly(m, "query-migrate"))
 
+    def wait_status(self, what: str, m: Machine, status: str, timeout: float) -> None:
+        """Poll query-migrate, out of the transcript, until `status` (or failed)."""
+        wait_until(lambda: self.progress(m).status in (status, "failed"), what, timeout, m)
+
 
 def _event_names(m: Machine | None) -> list[str]:
     return [] if m is None else [e.get("event", "") for e in m.events if e.get("event") in ("STOP", "RESUME")]
-
-
-def _wait(what: str, ok, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not ok():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def step_through_switchover(
@@ -119,17 +115,16 @@ def step_through_switchover(
 ) -> Walkthrough:
     """Run one cpr-transfer with the source's `pause-before-switchover` and the destination's `-S`, holding
     at each: source stopped with device state unsent; device state loaded but guest not resumed; resumed.
-    Both processes end before this returns."""
+    Both processes end before this returns.
+
+    Driven by hand (labkit.teach.hand_driven), not by the Lab: the Lab holds a migration with the emulator's
+    x-labkit-hold points, and this lesson is QEMU's own holds, `migrate-continue` and `cont`, which the Lab
+    never sends."""
     size = parse_size(ram, "m") if isinstance(ram, str) else ram
-    runner = get_runner(backend)
     walk = Walkthrough(backend)
     client = _Client(walk)
-    src_cfg = VMConfig(name="source", ram=size, guest=GuestConfig(dirty_rate=parse_size(dirty_rate)))
-    src = Machine(src_cfg, runner)
+    src: Machine | None = None
     dst: Machine | None = None
-    main = os.path.join(src.run_dir, "main.sock")
-    cpr = os.path.join(src.run_dir, "cpr.sock")
-    cpr_channel, main_channel = unix_channel(cpr, "cpr"), unix_channel(main)
 
     def hold(step: str) -> None:
         def state(m: Machine | None) -> tuple[str | None, str | None]:
@@ -140,65 +135,49 @@ def step_through_switchover(
         (sr, ss), (dr, ds) = state(src), state(dst)
         walk.holds.append(Hold(step, sr, ss, dr, ds, _event_names(src) + _event_names(dst)))
 
-    try:
-        src.launch(timeout=timeout)
-        walk.argv["source"] = list(src.argv)
-        runner.ready(src)  # real QEMU: the guest has booted and writes its RAM
-        caps = [
-            {"capability": "events", "state": True},
-            {"capability": "pause-before-switchover", "state": True},
-        ]
-        client.cmd("source", src, "migrate-set-capabilities", {"capabilities": caps})
-        client.cmd("source", src, "migrate-set-parameters", {"mode": "cpr-transfer"})
-        hold("source running, pause-before-switchover on")
+    with HandDriven(backend, timeout) as vms:
+        main, cpr = vms.path("main.sock"), vms.path("cpr.sock")
+        try:
+            src = vms.start(
+                VMConfig(name="source", ram=size, guest=GuestConfig(dirty_rate=parse_size(dirty_rate)))
+            )
+            walk.argv["source"] = list(src.argv)
+            vms.runner.ready(src)  # real QEMU: the guest has booted and writes its RAM
+            caps = [
+                {"capability": "events", "state": True},
+                {"capability": "pause-before-switchover", "state": True},
+            ]
+            client.cmd("source", src, "migrate-set-capabilities", {"capabilities": caps})
+            client.cmd("source", src, "migrate-set-parameters", {"mode": "cpr-transfer"})
+            hold("source running, pause-before-switchover on")
 
-        dst_cfg = VMConfig(name="destination", ram=size, start_paused=True).with_incoming(
-            f"unix:{main}", cpr_channel
-        )
-        dst = Machine(dst_cfg, runner)
-        dst.launch(connect=False, timeout=timeout)
-        walk.argv["destination"] = list(dst.argv)
-        _wait("the destination to listen on the cpr channel", lambda: os.path.exists(cpr), timeout)
-        hold("destination started with -S, waiting on the cpr channel (no monitor yet)")
+            dst_cfg = VMConfig(name="destination", ram=size, start_paused=True)
+            dst = vms.start_cpr_destination(dst_cfg, f"unix:{main}", cpr)
+            walk.argv["destination"] = list(dst.argv)
+            hold("destination started with -S, waiting on the cpr channel (no monitor yet)")
 
-        client.cmd("source", src, "migrate", {"channels": [main_channel, cpr_channel]})
-        dst.connect(timeout)  # its monitor exists once it has loaded CPR state
-        client.cmd("destination", dst, "migrate-set-capabilities", {"capabilities": caps[:1]})
-        _wait(
-            "the source to reach pre-switchover",
-            lambda: client.progress(src).status in ("pre-switchover", "failed"),
-            timeout,
-        )
-        client.cmd("source", src, "query-migrate")
-        hold("held by pause-before-switchover: source STOPped, device state not sent")
+            client.cmd("source", src, "migrate", {"channels": [unix_channel(main), unix_channel(cpr, "cpr")]})
+            dst.connect(timeout)  # its monitor exists once it has loaded CPR state
+            client.cmd("destination", dst, "migrate-set-capabilities", {"capabilities": caps[:1]})
+            client.wait_status("the source to reach pre-switchover", src, "pre-switchover", timeout)
+            client.cmd("source", src, "query-migrate")
+            hold("held by pause-before-switchover: source STOPped, device state not sent")
 
-        client.cmd("source", src, "migrate-continue", {"state": "pre-switchover"})
-        _wait(
-            "the source to complete",
-            lambda: client.progress(src).status in ("completed", "failed"),
-            timeout,
-        )
-        _wait(
-            "the destination to load the device state",
-            lambda: client.progress(dst).status in ("completed", "failed"),
-            timeout,
-        )
-        client.cmd("destination", dst, "query-status")
-        hold("held by -S: device state loaded, destination paused, no RESUME yet")
+            client.cmd("source", src, "migrate-continue", {"state": "pre-switchover"})
+            client.wait_status("the source to complete", src, "completed", timeout)
+            client.wait_status("the destination to load the device state", dst, "completed", timeout)
+            client.cmd("destination", dst, "query-status")
+            hold("held by -S: device state loaded, destination paused, no RESUME yet")
 
-        client.cmd("destination", dst, "cont")
-        _wait("the RESUME event", lambda: "RESUME" in _event_names(dst), timeout)
-        client.cmd("destination", dst, "query-status")
-        hold("cont: destination running (RESUME), source in postmigrate")
-        walk.guest_verified = bool(runner.verify(dst).get("ok"))
-        client.events("source", src)
-        client.events("destination", dst)
-    except (TimeoutError, ConnectionError, QMPCommandError, RuntimeError) as e:
-        walk.error = f"{type(e).__name__}: {e}"
-    finally:
-        if dst is not None:
-            dst.shutdown(timeout=5)
-        src.shutdown(timeout=5)
+            client.cmd("destination", dst, "cont")
+            wait_until(lambda: "RESUME" in _event_names(dst), "the RESUME event", timeout, dst)
+            client.cmd("destination", dst, "query-status")
+            hold("cont: destination running (RESUME), source in postmigrate")
+            walk.guest_verified = bool(vms.runner.verify(dst).get("ok"))
+            client.events("source", src)
+            client.events("destination", dst)
+        except (WaitError, ConnectionError, QMPCommandError, RuntimeError) as e:
+            walk.error = f"{type(e).__name__}: {e}"
     return walk
 
 
@@ -309,8 +288,9 @@ def check_comparison(
     side = next((s for (s, n) in CHECKPOINT_WHAT if n == cmp.widest_step), "destination")
     reason = _STEP_WHY.get(cmp.widest_step, CHECKPOINT_WHAT.get((side, cmp.widest_step), cmp.widest_step))
     why2 = f"{slower} took longer in that step ({max(row[a], row[b]):.2f} against {min(row[a], row[b]):.2f} ms): {reason}"
-    if slower == "emulated":
-        why2 += "; this time the emulator was the slower one there: it is Python, sharing this machine's CPUs"
+    runner = get_runner(cmp.results[slower].backend)
+    if runner.slower_because and len({r.backend for r in cmp.results.values()}) > 1:
+        why2 += f"; this time {runner.description} was the slower one there: {runner.slower_because}"
     if len(accepted) > 1:
         why2 += f" (steps ending at {', '.join(sorted(accepted))} differ by as much, within {tie_ms:g} ms: any counts)"
     ok2 = str(widest_step).strip() in accepted

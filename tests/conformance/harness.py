@@ -26,7 +26,7 @@ from labkit.host.hardware import VMConfig
 from labkit.host.machine import Machine
 from labkit.host.procfs import read_maps
 from labkit.host.qmp_sync import QMPCommandError
-from labkit.host.runners import get_backend
+from labkit.host.runners import get_runner
 from labkit.host.runners.qemu import parse_ramblocks, qemu_argv
 from labkit.host.runners.qemu_trace import strip_msg_timestamps
 from labkit.qemu_syntax import GiB, KiB, MiB, format_size
@@ -63,7 +63,7 @@ class Run:
 
     def __init__(self, backend: str) -> None:
         self.backend = backend
-        self.ops = get_backend(backend)
+        self.runner = get_runner(backend)
         self.dir = tempfile.mkdtemp(prefix=f"labkit-conf-{backend}-")
         self._closers: list[Callable[[], object]] = []
 
@@ -74,7 +74,7 @@ class Run:
         """Start a VM. seabios=True runs real QEMU with its default firmware (the argv a user types, with
         QEMU's own pc.bios); otherwise the qemu backend boots qboot, which starts the guest in ~1 s."""
         os.makedirs(self.path(config.name), mode=0o700)
-        m = Machine(config, self.ops, run_dir=self.path(config.name))
+        m = Machine(config, self.runner, run_dir=self.path(config.name))
         if self.backend == "qemu" and seabios:
             m.argv = qemu_argv(config, m.qmp_path, bios=None)
         self._closers.append(m.kill)
@@ -85,7 +85,7 @@ class Run:
 
     def booted(self, m: Machine) -> None:
         """The guest runs (real QEMU: its first heartbeat), so verification afterwards means something."""
-        ready = getattr(self.ops, "ready", None)
+        ready = getattr(self.runner, "ready", None)
         if ready is not None:
             ready(m)
 
@@ -241,7 +241,7 @@ def finish_destination(obs: Observation, run: Run, dst: Machine) -> None:
     obs.checks[f"destination.query-migrate@{info.get('status', 'none')}"] = members(info)
     obs.checks["destination.events"] = event_names(dst.events)
     obs.checks["destination.runstate"] = runstate(dst)
-    v = run.ops.verify(dst)
+    v = run.runner.verify(dst)
     obs.checks["destination.guest-verified"] = bool(v.get("ok"))
 
 
@@ -404,7 +404,7 @@ def scenario_cancel_and_parameters(run: Run) -> Observation:
     phase("cancel-pre-switchover", pause=False, act=cancel_pre_switchover)
     src.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "pause-before-switchover", "state": False}]})
     phase("cancel-active", pause=True, act=cancel_active)
-    obs.checks["parameters.verified-before"] = bool(run.ops.verify(src).get("ok"))
+    obs.checks["parameters.verified-before"] = bool(run.runner.verify(src).get("ok"))
     phase("parameters", pause=True, act=set_parameters)
     obs.checks["completed.migrate_cancel"] = answer(src, "migrate_cancel")
     obs.checks["completed.status-after-cancel"] = status(src)

@@ -16,9 +16,8 @@ if TYPE_CHECKING:
     from labkit.host.hardware import VMConfig
 
 BACKENDS = ("emulated", "qemu")
-BackendOps = Runner  # the name before runners had one interface
 
-__all__ = ["BACKENDS", "Runner", "RunnerError", "get_runner", "get_backend", "spawn"]
+__all__ = ["BACKENDS", "Runner", "RunnerError", "get_runner", "spawn"]
 
 
 def get_runner(name: str | Runner) -> Runner:
@@ -34,9 +33,6 @@ def get_runner(name: str | Runner) -> Runner:
 
         return QemuRunner()
     raise RunnerError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
-
-
-get_backend = get_runner
 
 
 def spawn(

@@ -41,6 +41,7 @@ class Runner:
     has_migration_details: bool = False  # bytes per channel and per pass beyond query-migrate
     faults_in_before_accept: bool = False  # an incoming VM touches all its RAM before it accepts the stream
     description: str = ""  # how a sentence names it: "the emulated backend", "real QEMU 10"
+    slower_because: str = ""  # why a step may take longer here than on real QEMU, for an explanation
 
     def argv(self, config: VMConfig, qmp_path: str) -> list[str]:
         """The full command line of a VM."""

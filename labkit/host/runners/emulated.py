@@ -29,6 +29,7 @@ class EmulatedRunner(Runner):
 
     name = "emulated"
     description = "the emulated backend"
+    slower_because = "it is Python, sharing this machine's CPUs"
     can_hold = True
     keeps_event_history = True
     has_migration_details = True
@@ -83,6 +84,3 @@ class EmulatedRunner(Runner):
     def migration_details(self, m: Machine) -> dict[str, Any]:
         details: dict[str, Any] = m.cmd("x-labkit-query-migrate", timeout=10)
         return details
-
-
-EmulatedOps = EmulatedRunner  # the name before runners had one interface

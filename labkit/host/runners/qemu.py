@@ -201,7 +201,7 @@ class GuestRamAccess:
             os.close(fd)
 
 
-# --------------------------------------------------------------------------------------- the ops
+# ------------------------------------------------------------------------------------ the runner
 
 
 @dataclass
@@ -514,6 +514,3 @@ def _copy_to_memfd(ram: GuestRamAccess, chunk: int = 16 << 20) -> int:
         os.close(fd)
         raise
     return fd
-
-
-QemuOps = QemuRunner  # the name before runners had one interface

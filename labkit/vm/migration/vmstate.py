@@ -100,11 +100,13 @@ class VMStateDescription:
 
 _INT = {"int8": ">b", "int16": ">h", "int32": ">i", "int64": ">q", "uint8": ">B", "uint16": ">H"}
 _INT |= {"uint32": ">I", "uint64": ">Q", "bool": ">?", "float64": ">d"}
+_INT_STRUCT = {name: struct.Struct(fmt) for name, fmt in _INT.items()}  # compiled once, not per field
 
 
 def _field_bytes(fd: VMStateField, value: Any) -> bytes:
-    if fd.type in _INT:
-        return struct.pack(_INT[fd.type], value)
+    st = _INT_STRUCT.get(fd.type)
+    if st is not None:
+        return st.pack(value)
     raw = bytes(value)
     if fd.size_field is None and len(raw) != fd.size:
         raise ValueError(f"{fd.name}: {len(raw)} bytes, expected {fd.size}")
@@ -141,8 +143,9 @@ def vmstate_load_state(
         )
     out: dict[str, Any] = {}
     for fd in vmsd.fields:
-        if fd.type in _INT:
-            (out[fd.name],) = struct.unpack(_INT[fd.type], get(struct.calcsize(_INT[fd.type])))
+        st = _INT_STRUCT.get(fd.type)
+        if st is not None:
+            (out[fd.name],) = st.unpack(get(st.size))
             continue
         size = fd.size if fd.size_field is None else out[fd.size_field]
         if size > vmsd.max_vbuffer:

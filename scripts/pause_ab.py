@@ -56,10 +56,12 @@ def main() -> None:
     from labkit.lab.breakdown import breakdown_steps
 
     runs: dict[str, list[dict]] = {t: [] for t in args.trees}
+    load_start = os.getloadavg()  # the machine is shared: the load says how far to trust the figures
     for i in range(args.pairs):
         for tree in args.trees:
             runs[tree].append(one_run(tree, args.mode, args.ram, i + 1))
     report = {"command": " ".join(sys.argv), "mode": args.mode, "ram": args.ram, "trees": {}}
+    report["loadavg"] = {"start": load_start, "end": os.getloadavg()}
     for tree, rs in runs.items():
         steps = breakdown_steps([r["breakdown"] for r in rs])
         guest = [r["guest"] for r in rs if r["guest"] is not None]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The emulated pause broken down by checkpoint, for two labkit trees run turn about.
+"""The emulated pause broken down by checkpoint, for two (or more) labkit trees run turn about.
 
 On a shared machine the load changes from minute to minute, so two bench runs minutes apart compare the
 load as much as the code. This runs one emulated cpr-transfer migration with tree A, then one with tree B,
@@ -46,7 +46,7 @@ def one_run(tree: str, mode: str, ram: str, seed: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("trees", nargs=2)
+    p.add_argument("trees", nargs="+", help="one or more trees, taking turns")
     p.add_argument("--pairs", type=int, default=10)
     p.add_argument("--ram", action="append", help="repeatable: the RAM sizes take turns too (default 256M)")
     p.add_argument("--mode", default="cpr-transfer")

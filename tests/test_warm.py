@@ -1,5 +1,5 @@
-"""The completion run once before the pause (labkit.vm.migration.warm), the vmdesc kept from it, the device
-sections in section id order, and a cpr-transfer main stream that leaves in one send.
+"""The completion run once before the pause (labkit.vm.migration.warm), the vmdesc kept from it, and the
+device sections in section id order.
 
 The warm-up must be invisible: the scratch stream is a valid QEMU 10 stream of what the completion would
 send, and nothing of it reaches a socket; a device that fails there is left for the real save to report.
@@ -8,8 +8,6 @@ send, and nothing of it reaches a socket; a device that fails there is left for 
 from __future__ import annotations
 
 import json
-import socket
-import threading
 from io import BytesIO
 
 import pytest
@@ -19,7 +17,6 @@ from labkit.vm.guest import Guest
 from labkit.vm.memory import ram_blocks_create
 from labkit.vm.migration import savevm
 from labkit.vm.migration.qemu_file import QEMUFileIn, QEMUFileOut
-from labkit.vm.migration.ram import RAMState, RAMStats
 from labkit.vm.migration.stream import Q35_MACHINE_NAME, qemu_loadvm_state
 from labkit.vm.migration.vmstate import vmdesc_section_size, vmstate_load_state
 from labkit.vm.migration.warm import savevm_completion_stream, warm_savevm_completion
@@ -123,21 +120,3 @@ def test_device_sections_go_in_section_id_order(devices):
     assert [d["name"] for d in f.savevm.vmdesc.devices] == ["timer", "cpu", "serial", "globalstate"]
     payload = sum(vmdesc_section_size(d) for d in f.savevm.vmdesc.devices)
     assert size == payload
-
-
-def test_a_pass_that_sends_no_page_leaves_the_stream_buffered():
-    """cpr-transfer ignores every RAM block: its RAM sections and the device state leave in one send at the
-    end, so the destination wakes once, for the whole of it."""
-    a, b = socket.socketpair()
-    try:
-        f = QEMUFileOut(a)
-        f.put_be32(0x5145564D)
-        RAMState([], RAMStats()).save_dirty(f, downtime=True, cancelled=threading.Event())
-        b.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            b.recv(16)
-        f.flush()
-        assert b.recv(16) == b"QEVM"
-    finally:
-        a.close()
-        b.close()

@@ -173,8 +173,7 @@ class RAMState:
                     self._count(f.bytes_sent - before, normal, zero, downtime)
                     self.stats.remaining = max(0, self.stats.remaining - (last - first) * PAGE_SIZE)
                     sent_pages += last - first
-        if sent_pages:  # nothing sent (every block ignored, as in cpr-transfer): nothing to push out early
-            f.flush()
+        f.flush()
         self.stats.pages_per_pass.append(sent_pages)
         self.stats.bytes_per_pass.append(f.bytes_sent - b0)
         self.stats.seconds_per_pass.append(time.monotonic() - t0)

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""The emulated pause broken down by checkpoint, for two labkit trees run turn about.
+"""The emulated pause broken down by checkpoint, for two (or more) labkit trees run turn about.
 
 On a shared machine the load changes from minute to minute, so two bench runs minutes apart compare the
 load as much as the code. This runs one emulated cpr-transfer migration with tree A, then one with tree B,
 and so on (each tree's code runs in both VM processes through PYTHONPATH), and prints per tree the median
 STOP -> RESUME and the median time between consecutive checkpoints (labkit.lab.breakdown).
 
-    python scripts/pause_ab.py A_TREE B_TREE [--pairs 10] [--ram 256M] [--mode cpr-transfer] [--json FILE]
+    python scripts/pause_ab.py A_TREE B_TREE [--pairs 10] [--ram 256M]... [--mode cpr-transfer] [--json FILE]
 
 A tree is a directory holding a labkit package, e.g. `git archive REV | tar -x -C DIR`.
 """
@@ -46,20 +46,25 @@ def one_run(tree: str, mode: str, ram: str, seed: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("trees", nargs=2)
+    p.add_argument("trees", nargs="+", help="one or more trees, taking turns")
     p.add_argument("--pairs", type=int, default=10)
-    p.add_argument("--ram", default="256M")
+    p.add_argument("--ram", action="append", help="repeatable: the RAM sizes take turns too (default 256M)")
     p.add_argument("--mode", default="cpr-transfer")
     p.add_argument("--json", help="write every run and the medians here")
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from labkit.lab.breakdown import breakdown_steps
 
-    runs: dict[str, list[dict]] = {t: [] for t in args.trees}
+    rams = args.ram or ["256M"]
+    # one RAM size: keyed by tree, as before; several: by "tree RAM", all taking turns in one session
+    cells = [(t, r, t if len(rams) == 1 else f"{t} {r}") for r in rams for t in args.trees]
+    runs: dict[str, list[dict]] = {key: [] for _, _, key in cells}
+    load_start = os.getloadavg()  # the machine is shared: the load says how far to trust the figures
     for i in range(args.pairs):
-        for tree in args.trees:
-            runs[tree].append(one_run(tree, args.mode, args.ram, i + 1))
-    report = {"command": " ".join(sys.argv), "mode": args.mode, "ram": args.ram, "trees": {}}
+        for tree, ram, key in cells:
+            runs[key].append(one_run(tree, args.mode, ram, i + 1))
+    report = {"command": " ".join(sys.argv), "mode": args.mode, "ram": ",".join(rams), "trees": {}}
+    report["loadavg"] = {"start": load_start, "end": os.getloadavg()}
     for tree, rs in runs.items():
         steps = breakdown_steps([r["breakdown"] for r in rs])
         guest = [r["guest"] for r in rs if r["guest"] is not None]

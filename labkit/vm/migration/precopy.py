@@ -42,8 +42,8 @@ from labkit.vm.migration.ram import (
 )
 from labkit.vm.migration.savevm import (
     Q35_MACHINE_NAME,
-    qemu_save_device_state,
     qemu_savevm_send_switchover_start,
+    qemu_savevm_state_complete_non_iterable,
     qemu_savevm_state_end,
     qemu_savevm_state_header,
     unknown_section,
@@ -51,6 +51,7 @@ from labkit.vm.migration.savevm import (
 from labkit.vm.migration.state import MigrationCounters, MigrationStateBase, ms_between
 from labkit.vm.migration.stream import qemu_loadvm_state
 from labkit.vm.migration.vmstate import q35_savevm_handlers, vmstate_load_state
+from labkit.vm.migration.warm import warm_savevm_completion
 from labkit.vm.oslib import qemu_prealloc_mem
 from labkit.vm.qapi.error import QMPErrorResponse
 
@@ -118,7 +119,9 @@ class PrecopyMigration(MigrationStateBase):
                 sink.close()
 
     def _stop_vm(self) -> None:
-        """migration_stop_vm(): the guest pauses here; the downtime clock starts."""
+        """migration_stop_vm(): the guest pauses here; the downtime clock starts. Just before, the completion
+        is written once to nowhere, so that the pause runs it warm (warm.py)."""
+        warm_savevm_completion([(b.idstr, b.size) for b in self.vm.ram], self.vm.devices)
         self.t_stop = time.monotonic()
         self.checkpoint("src-downtime-start")
         self.vm_was_running = self.vm.vm_stop(rs.FINISH_MIGRATE)
@@ -168,8 +171,7 @@ class PrecopyMigration(MigrationStateBase):
         ram.save_dirty(f, downtime=True, cancelled=self.cancelled)
         ram_save_complete_end(f)
         self.checkpoint("src-iterable-saved")
-        for dev in sorted(self.vm.devices, key=lambda d: f.savevm.section_id(d.name, 0)):
-            self.stats.downtime_bytes += qemu_save_device_state(f, dev.name, 0, dev.vmsd, dev.save())
+        self.stats.downtime_bytes += qemu_savevm_state_complete_non_iterable(f, self.vm.devices)
         # QEMU marks it at the end of qemu_savevm_state_complete_precopy_non_iterable(), before its caller's
         # final qemu_fflush(): the destination cannot have loaded everything by then. Here the flush comes
         # with the EOF (qemu_savevm_state_end), so the mark goes just before it.
@@ -278,6 +280,7 @@ class PrecopyMigration(MigrationStateBase):
 
     def incoming_thread(self, source: socket.socket | io.RawIOBase, channel: MigrationChannel) -> None:
         conn = source
+        loaded = False
         try:
             # Fault the destination's fresh RAM in while nobody is connected yet, so the stream lands in pages
             # that exist (first touch costs ~1-3 s per GiB here; QEMU would pay it during the stream instead).
@@ -309,6 +312,7 @@ class PrecopyMigration(MigrationStateBase):
             }
             self.checkpoint("dst-precopy-loadvm-completed")
             self.hold("loaded")
+            loaded = True
         except (OSError, StreamError, QMPErrorResponse, ValueError) as e:
             if (
                 self._closing
@@ -324,9 +328,14 @@ class PrecopyMigration(MigrationStateBase):
                 self.vm.fatal(self.incoming_error)
             return
         finally:
+            if not loaded:
+                with contextlib.suppress(OSError):
+                    conn.close()
+        try:
+            self.process_incoming_migration_bh()
+        finally:  # migration_incoming_state_destroy() closes the channel after the bh, out of the pause
             with contextlib.suppress(OSError):
                 conn.close()
-        self.process_incoming_migration_bh()
 
     def _zero_page_needs_write(self, name: str) -> bool:
         """A fresh mapping is already zero (QEMU skips those writes too); a file or adopted memory may not be."""

@@ -11,10 +11,13 @@ from __future__ import annotations
 import builtins
 import json
 import struct
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from errno import ERANGE
 from typing import Any
 
+from labkit.vm.migration.interface import MigratableDevice
 from labkit.vm.migration.qemu_file import QEMUFileIn, QEMUFileOut, StreamError
 from labkit.vm.migration.vmstate import VMStateDescription, vmstate_save_state
 
@@ -100,12 +103,44 @@ def qemu_save_device_state(
     return size
 
 
+def qemu_savevm_state_complete_non_iterable(f: QEMUFileOut, devices: Iterable[MigratableDevice]) -> int:
+    """qemu_savevm_state_complete_precopy_non_iterable(): every device's FULL section, in section id order
+    (the order QEMU registered their handlers). Returns the payload bytes, the device part of downtime-bytes."""
+    size = 0
+    for dev in sorted(devices, key=lambda d: f.savevm.section_id(d.name, 0)):
+        size += qemu_save_device_state(f, dev.name, 0, dev.vmsd, dev.save())
+    return size
+
+
+class _VMDescCache:
+    """The last vmdesc encoded in this process, and its JSON. A device's vmdesc entry holds its layout (field
+    names, types, sizes), not its values, so the stream a source writes just before its pause (warm.py) ends
+    with the same vmdesc as the real one: the real one is then sent without json.dumps inside the pause."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._desc: dict[str, Any] | None = None
+        self._raw = b""
+
+    def encode(self, desc: dict[str, Any]) -> bytes:
+        with self._lock:
+            if desc == self._desc:
+                return self._raw
+        raw = json.dumps(desc).encode()
+        with self._lock:  # kept as decoded from the JSON: a copy no caller can change under the cache
+            self._desc, self._raw = json.loads(raw), raw
+        return raw
+
+
+VMDESC_CACHE = _VMDescCache()
+
+
 def qemu_savevm_state_end(f: QEMUFileOut) -> None:
     """QEMU_VM_EOF ends the stream; the vmdesc JSON follows it (for tools, as QEMU's); everything is flushed."""
     if f.savevm.ram_section is not None:
         raise ValueError("a RAM section is still open")
     f.put_byte(QEMU_VM_EOF)
-    desc = json.dumps(f.savevm.vmdesc.to_json()).encode()
+    desc = VMDESC_CACHE.encode(f.savevm.vmdesc.to_json())
     f.put_byte(QEMU_VM_VMDESCRIPTION)
     f.put_be32(len(desc))
     f.put_bytes(desc)

@@ -100,15 +100,54 @@ class VMStateDescription:
 
 _INT = {"int8": ">b", "int16": ">h", "int32": ">i", "int64": ">q", "uint8": ">B", "uint16": ">H"}
 _INT |= {"uint32": ">I", "uint64": ">Q", "bool": ">?", "float64": ">d"}
+_INT_STRUCT = {name: struct.Struct(fmt) for name, fmt in _INT.items()}  # compiled once, not per field
 
 
 def _field_bytes(fd: VMStateField, value: Any) -> bytes:
-    if fd.type in _INT:
-        return struct.pack(_INT[fd.type], value)
+    st = _INT_STRUCT.get(fd.type)
+    if st is not None:
+        return st.pack(value)
     raw = bytes(value)
     if fd.size_field is None and len(raw) != fd.size:
         raise ValueError(f"{fd.name}: {len(raw)} bytes, expected {fd.size}")
     return raw
+
+
+@dataclass(frozen=True)
+class _FixedLayout:
+    """A description whose fields all have fixed sizes, compiled once: one struct for all its fields, and
+    their vmdesc entries (which cannot change). Saving or loading it is one pack or unpack, not one per field:
+    device state is saved and loaded inside the guest's pause."""
+
+    st: struct.Struct
+    names: tuple[str, ...]
+    buffers: tuple[tuple[int, VMStateField], ...]  # the byte-string fields, whose length pack does not check
+    desc_fields: tuple[dict[str, Any], ...]
+
+
+_LAYOUTS: dict[int, tuple[VMStateDescription, _FixedLayout | None]] = {}
+
+
+def _fixed_layout(vmsd: VMStateDescription) -> _FixedLayout | None:
+    """The compiled layout of ``vmsd``'s fields, or None where a field's length is in another field."""
+    hit = _LAYOUTS.get(id(vmsd))
+    if hit is not None and hit[0] is vmsd:
+        return hit[1]
+    layout: _FixedLayout | None = None
+    if all(fd.size_field is None and (fd.type in _INT or fd.size <= vmsd.max_vbuffer) for fd in vmsd.fields):
+        fmt = "".join(_INT[fd.type][1:] if fd.type in _INT else f"{fd.size}s" for fd in vmsd.fields)
+        st = struct.Struct(">" + fmt)
+        layout = _FixedLayout(
+            st,
+            tuple(fd.name for fd in vmsd.fields),
+            tuple((i, fd) for i, fd in enumerate(vmsd.fields) if fd.type not in _INT),
+            tuple(
+                {"name": fd.name, "type": fd.type, "size": _INT_STRUCT[fd.type].size if fd.type in _INT else fd.size}
+                for fd in vmsd.fields
+            ),
+        )
+    _LAYOUTS[id(vmsd)] = (vmsd, layout)  # the description is kept alive with its entry: its id is not reused
+    return layout
 
 
 def vmstate_save_state(put: Callable[[bytes], None], vmsd: VMStateDescription, values: dict[str, Any]) -> dict[str, Any]:
@@ -116,10 +155,18 @@ def vmstate_save_state(put: Callable[[bytes], None], vmsd: VMStateDescription, v
 
     Returns the section's vmdesc entry, with each field's size as written (as QEMU's vmsd_desc_field_end)."""
     desc: dict[str, Any] = {"vmsd_name": vmsd.name, "version": vmsd.version_id, "fields": []}
-    for fd in vmsd.fields:
-        raw = _field_bytes(fd, values[fd.name])
-        put(raw)
-        desc["fields"].append({"name": fd.name, "type": fd.type, "size": len(raw)})
+    layout = _fixed_layout(vmsd)
+    if layout is not None:
+        row = [values[name] for name in layout.names]
+        for i, fd in layout.buffers:
+            row[i] = _field_bytes(fd, row[i])  # the length check: pack would pad or cut a wrong one silently
+        put(layout.st.pack(*row))
+        desc["fields"] = list(layout.desc_fields)  # shared, never changed: the vmdesc is only encoded
+    else:
+        for fd in vmsd.fields:
+            raw = _field_bytes(fd, values[fd.name])
+            put(raw)
+            desc["fields"].append({"name": fd.name, "type": fd.type, "size": len(raw)})
     subs = []
     for sub in vmsd.subsections:
         if sub.name in values:
@@ -140,9 +187,13 @@ def vmstate_load_state(
             f"{vmsd.name}: incoming version_id {version_id} is too new (max {vmsd.version_id})", vmsd.name
         )
     out: dict[str, Any] = {}
-    for fd in vmsd.fields:
-        if fd.type in _INT:
-            (out[fd.name],) = struct.unpack(_INT[fd.type], get(struct.calcsize(_INT[fd.type])))
+    layout = _fixed_layout(vmsd)
+    if layout is not None:
+        out.update(zip(layout.names, layout.st.unpack(get(layout.st.size)), strict=True))
+    for fd in vmsd.fields if layout is None else ():
+        st = _INT_STRUCT.get(fd.type)
+        if st is not None:
+            (out[fd.name],) = st.unpack(get(st.size))
             continue
         size = fd.size if fd.size_field is None else out[fd.size_field]
         if size > vmsd.max_vbuffer:

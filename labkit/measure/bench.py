@@ -23,6 +23,7 @@ from typing import Any
 
 from labkit import __version__
 from labkit.host.hardware import VMConfig
+from labkit.measure.bench_timing import PhaseClock, format_phases, summarize_cells, timed_migrate
 from labkit.qemu_syntax import GuestConfig, MiB, format_size
 
 #: The "idle" guest, the same on both backends: one page written a second. (The real guest has no idle: its
@@ -62,6 +63,7 @@ class BenchPlan:
     precopy_rams: list[int] = field(default_factory=list)
     floor_runs: int = 30
     ceiling_bytes: int = 256 * MiB  # moved per copy/socket ceiling run
+    warmup: float = 0.3  # seconds each source's guest runs before migrate
 
     @classmethod
     def quick(cls, backends: list[str]) -> BenchPlan:
@@ -115,14 +117,22 @@ def machine_facts() -> dict[str, Any]:
 
 
 def measure_ceilings(
-    before: dict[str, Any] | None = None, floor_runs: int = 30, size: int = 256 * MiB
+    before: dict[str, Any] | None = None,
+    floor_runs: int = 30,
+    size: int = 256 * MiB,
+    clock: PhaseClock | None = None,
 ) -> dict[str, Any]:
     """Every ceiling and the pause floor; with `before` (the same measured earlier in this run), the better
-    of the two for each: a ceiling is what the machine can do when the load lets it."""
+    of the two for each: a ceiling is what the machine can do when the load lets it. `clock` gets the wall
+    time of the ceilings and of the floor, each under its own name."""
     from labkit.measure import ceilings, pause_floor
 
-    now: dict[str, Any] = {k: c.as_dict() for k, c in ceilings.measure_all(size).items()}
-    now["pause_floor"] = pause_floor.measure(floor_runs)
+    clock = clock or PhaseClock()
+    when = "after" if before else "before"
+    with clock.phase(f"ceilings {when} (copy, socket, fd pass)"):
+        now: dict[str, Any] = {k: c.as_dict() for k, c in ceilings.measure_all(size).items()}
+    with clock.phase(f"pause floor {when} ({floor_runs} runs)"):
+        now["pause_floor"] = pause_floor.measure(floor_runs)
     if before is None:
         return now
     out = {}
@@ -211,28 +221,30 @@ def available_backends(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
     return out, skipped
 
 
-def run_matrix(plan: BenchPlan, progress=None) -> list[dict[str, Any]]:
-    """One row per migration: the flattened Result plus the cell's coordinates."""
-    from labkit.lab.engine import migrate
-
+def run_matrix(plan: BenchPlan, progress=None, clock: PhaseClock | None = None) -> list[dict[str, Any]]:
+    """One row per migration: the flattened Result plus the cell's coordinates and its wall time by part
+    (seconds_by_part); `clock` gets each backend's wall time."""
+    clock = clock or PhaseClock()
     rows = []
     # rep by rep over every cell, so load that comes and goes on a shared machine hits every cell alike
     for rep in range(plan.reps):
         for backend, mode, ram, dirty in plan.cells():
             # both guests start with all their RAM written (prefill: the emulated guest writes it at boot, the
             # real guest's host fills what it has not reached), so pre-copy moves pages, not zero runs
-            res = migrate(
-                backend=backend,
-                mode=mode,
-                ram=ram,
-                dirty_rate=dirty,
-                max_bandwidth=plan.max_bandwidth,
-                seed=rep + 1,
-                warmup=0.3,
-                prefill=True,
-            )
+            with clock.phase(f"migrations {backend}"):
+                res, parts = timed_migrate(
+                    backend=backend,
+                    mode=mode,
+                    ram=ram,
+                    dirty_rate=dirty,
+                    max_bandwidth=plan.max_bandwidth,
+                    seed=rep + 1,
+                    warmup=plan.warmup,
+                    prefill=True,
+                )
             row = res.flat()
             row["rep"] = rep
+            row["seconds_by_part"] = {k: round(v, 3) for k, v in parts.items()}
             row["pause_breakdown"] = [asdict(b) for b in res.pause_breakdown]
             rows.append(row)
             if progress is not None:
@@ -441,17 +453,23 @@ def run_bench(plan: BenchPlan, show_progress: bool = True) -> dict[str, Any]:
     backends, skipped = available_backends(plan.backends)
     plan.backends = backends
     t0 = time.monotonic()
+    clock = PhaseClock()
     load = {"start": os.getloadavg()}
-    ceilings = measure_ceilings(floor_runs=plan.floor_runs, size=plan.ceiling_bytes)
-    vm = vm_bench(plan.vm_reps)
+    ceilings = measure_ceilings(floor_runs=plan.floor_runs, size=plan.ceiling_bytes, clock=clock)
+    with clock.phase("emulated VM figures (spawn, quiesce, dirty rate, RSS)"):
+        vm = vm_bench(plan.vm_reps)
     with tqdm(
         total=len(plan.cells()) * plan.reps, desc="migrations", disable=not show_progress, leave=False
     ) as bar:
-        rows = run_matrix(plan, bar)
+        rows = run_matrix(plan, bar, clock)
     # again after the migrations: the better of the two counts
-    ceilings = measure_ceilings(ceilings, floor_runs=plan.floor_runs, size=plan.ceiling_bytes)
+    ceilings = measure_ceilings(ceilings, floor_runs=plan.floor_runs, size=plan.ceiling_bytes, clock=clock)
     load["end"] = os.getloadavg()
-    summary = summarize(rows)
+    with clock.phase("report (summaries, breakdown, ratios)"):
+        summary = summarize(rows)
+        breakdown = summarize_breakdown(rows)
+        ratios = compute_ratios(summary, ceilings, vm)
+        breaches = ceiling_breaches(summary, ceilings, vm)
     return {
         "machine": {**machine_facts(), "loadavg": load},
         "plan": {
@@ -467,11 +485,13 @@ def run_bench(plan: BenchPlan, show_progress: bool = True) -> dict[str, Any]:
         "ceilings": ceilings,
         "vm": vm,
         "cells": summary,
-        "pause_breakdown": summarize_breakdown(rows),
+        "pause_breakdown": breakdown,
         "runs": rows,
-        "ratios": compute_ratios(summary, ceilings, vm),
-        "ceiling_breaches": ceiling_breaches(summary, ceilings, vm),
+        "ratios": ratios,
+        "ceiling_breaches": breaches,
         "seconds": round(time.monotonic() - t0, 1),
+        "seconds_by_phase": clock.as_dict(),
+        "seconds_by_cell": summarize_cells(rows),
     }
 
 
@@ -567,5 +587,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {name:45s} {f(r['value'], '{:.3f}'):>8s}  target {r['target']:>7s}  {mark}")
     for line in report.get("ceiling_breaches", []):
         lines.append(line)
+    if report.get("seconds_by_phase"):
+        lines += ["", *format_phases(report["seconds_by_phase"], report.get("seconds_by_cell", []))]
     lines.append(f"\n{len(report['runs'])} migrations in {report['seconds']} s")
     return "\n".join(lines)

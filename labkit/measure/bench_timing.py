@@ -140,7 +140,8 @@ def format_phases(seconds_by_phase: dict[str, float], by_cell: list[dict[str, An
 
     total = sum(seconds_by_phase.values()) or 1.0
     lines = ["wall time by phase (s):"]
-    lines += [f"  {name:38s} {s:7.1f}  {100 * s / total:4.0f}%" for name, s in seconds_by_phase.items()]
+    width = max((len(name) for name in seconds_by_phase), default=0)
+    lines += [f"  {name:{width}s} {s:7.1f}  {100 * s / total:4.0f}%" for name, s in seconds_by_phase.items()]
     if by_cell:
         short = {"lab_setup": "setup", "source_spawn": "spawn", "source_boot_prefill": "boot",
                  "warmup": "warm", "destination_start": "dest", "migration": "migr", "collect": "coll",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
 from labkit.measure import bench, bench_plan, bench_timing, ceilings
@@ -112,3 +113,13 @@ def test_cells_sum_their_runs_and_the_report_shows_where_the_time_went():
     lines = bench_timing.format_phases({"migrations emulated": 8.0, "ceilings before": 2.0}, [cell])
     assert lines[1].split()[-2:] == ["8.0", "80%"]
     assert "emul normal 512M 4K/s x2" in lines[-1] and lines[-1].split()[-1] == "8.0"
+
+
+def test_the_real_guests_prefill_writes_the_same_pages_in_place():
+    from labkit.host.runners.qemu_prefill import gen0_pages
+
+    pfns = np.arange(0x100, 0x140, dtype=np.uint64) | np.uint64(1 << 32)  # above 4 GiB: both header words
+    ram = np.zeros(len(pfns) * 1024 + 7, dtype=np.uint32)  # as guest RAM: a flat view, pages written in place
+    view = ram[7:].reshape(-1, 1024)
+    assert gen0_pages(pfns, out=view) is view
+    assert (view == gen0_pages(pfns)).all() and not ram[:7].any()

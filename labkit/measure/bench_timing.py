@@ -10,6 +10,7 @@ destination start, the migration itself, collecting and teardown.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,6 +74,15 @@ class TimedLab(Lab):
     def _collect(self) -> Result:
         self.t_collect = time.monotonic_ns()
         return super()._collect()
+
+    def close(self) -> None:
+        """Both VMs are told to quit before either is waited for, so their exits (freeing guest RAM, ending
+        their threads) overlap instead of queueing; then the Lab's own close reaps and cleans up."""
+        for m in (self.dst, self.src):
+            if m is not None and m.alive() and m.qmp.connected:
+                with contextlib.suppress(Exception):
+                    m.qmp.cmd("quit", timeout=5)
+        super().close()
 
 
 def cell_parts(lab: TimedLab, t_start: int, t_run_end: int, t_end: int) -> dict[str, float]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import psutil
 import pytest
 
 from labkit.measure import bench, bench_plan, bench_timing, ceilings
@@ -100,6 +101,24 @@ def test_one_migration_splits_into_parts_that_add_up_to_its_wall_time():
     assert sum(parts.values()) == pytest.approx(wall, abs=0.05)  # nothing of the wall time is lost
 
 
+def test_in_the_background_a_teardown_ends_before_the_next_cell_migrates():
+    teardowns = bench_timing.Teardowns()
+    first, parts1 = bench_timing.timed_migrate(
+        teardowns, backend="emulated", mode="cpr-transfer", ram=64 * MiB, dirty_rate=4096, warmup=0.05
+    )
+    assert parts1["teardown"] == 0.0 and teardowns.thread is not None  # still closing, in the background
+    second, parts2 = bench_timing.timed_migrate(
+        teardowns, backend="emulated", mode="normal", ram=64 * MiB, dirty_rate=4096, warmup=0.05
+    )
+    assert parts1["teardown"] > 0  # the second cell waited for it before its destination started
+    assert parts2["previous_teardown"] >= 0 and parts2["migration"] > 0
+    teardowns.wait()
+    assert parts2["teardown"] > 0 and teardowns.thread is None
+    assert first.status == second.status == "completed" and first.guest_verified and second.guest_verified
+    # the first cell's VMs were reaped before the second's destination was spawned
+    assert not any(psutil.pid_exists(pid) for pid in first.pids.values() if pid)
+
+
 def test_cells_sum_their_runs_and_the_report_shows_where_the_time_went():
     parts = dict.fromkeys(bench_timing.CELL_PARTS, 0.5)
     rows = [
@@ -112,7 +131,8 @@ def test_cells_sum_their_runs_and_the_report_shows_where_the_time_went():
     assert cell["seconds"]["total"] == pytest.approx(len(bench_timing.CELL_PARTS))
     lines = bench_timing.format_phases({"migrations emulated": 8.0, "ceilings before": 2.0}, [cell])
     assert lines[1].split()[-2:] == ["8.0", "80%"]
-    assert "emul normal 512M 4K/s x2" in lines[-1] and lines[-1].split()[-1] == "8.0"
+    assert "emul normal 512M 4K/s x2" in lines[-1]
+    assert lines[-1].split()[-1] == f"{len(bench_timing.CELL_PARTS):.1f}"
 
 
 def test_the_real_guests_prefill_writes_the_same_pages_in_place():

@@ -12,6 +12,7 @@ its ceiling is different: it proves the ceiling wrong, and `labkit bench` exits 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -26,7 +27,7 @@ from labkit.host.hardware import VMConfig
 from labkit.measure.bench_plan import IDLE_RATE, WRITING_RATE, BenchPlan
 
 __all__ = ["IDLE_RATE", "RATIO_TARGETS", "TARGET_RAM", "WRITING_RATE", "BenchPlan", "run_bench"]
-from labkit.measure.bench_timing import PhaseClock, format_phases, summarize_cells, timed_migrate
+from labkit.measure.bench_timing import PhaseClock, Teardowns, format_phases, summarize_cells, timed_migrate
 from labkit.qemu_syntax import GuestConfig, MiB, format_size
 
 #: The RAM size the pause targets are judged at (or the nearest one measured).
@@ -191,6 +192,8 @@ def run_matrix(plan: BenchPlan, progress=None, clock: PhaseClock | None = None) 
     (seconds_by_part); `clock` gets each backend's wall time."""
     clock = clock or PhaseClock()
     rows = []
+    teardowns = Teardowns()  # each cell's VMs exit while the next cell's source boots, never while it migrates
+    backend = ""
     # rep by rep over every cell, so load that comes and goes on a shared machine hits every cell alike
     for rep in range(plan.reps):
         for backend, mode, ram, dirty in plan.cells():
@@ -198,6 +201,7 @@ def run_matrix(plan: BenchPlan, progress=None, clock: PhaseClock | None = None) 
             # real guest's host fills what it has not reached), so pre-copy moves pages, not zero runs
             with clock.phase(f"migrations {backend}"):
                 res, parts = timed_migrate(
+                    teardowns,
                     backend=backend,
                     mode=mode,
                     ram=ram,
@@ -210,11 +214,13 @@ def run_matrix(plan: BenchPlan, progress=None, clock: PhaseClock | None = None) 
                 )
             row = res.flat()
             row["rep"] = rep
-            row["seconds_by_part"] = {k: round(v, 3) for k, v in parts.items()}
+            row["seconds_by_part"] = parts  # its teardown is filled in when that ends
             row["pause_breakdown"] = [asdict(b) for b in res.pause_breakdown]
             rows.append(row)
             if progress is not None:
                 progress.update(1)
+    with clock.phase(f"migrations {backend}") if backend else contextlib.nullcontext():
+        teardowns.wait()
     return rows
 
 

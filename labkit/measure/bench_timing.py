@@ -11,8 +11,9 @@ destination start, the migration itself, collecting and teardown.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,9 +30,10 @@ CELL_PARTS = (
     "source_boot_prefill",  # runner.ready (real QEMU: boot, the host's prefill) and the QMP set-up
     "warmup",  # the guest runs before migrate (Scenario.warmup)
     "destination_start",  # the destination's process, listening
+    "previous_teardown",  # waiting, source warmed up, for the cell before to finish its teardown
     "migration",  # migrate to completed, both sides
     "collect",  # the Result read from both sides
-    "teardown",  # both processes shut down, the run dir removed
+    "teardown",  # both processes shut down, the run dir removed (with Teardowns: in the background)
 )
 
 
@@ -57,12 +59,22 @@ class PhaseClock:
 
 
 class TimedLab(Lab):
-    """The Lab, unchanged, with the instants of its spawns and of its collect recorded (monotonic ns)."""
+    """The Lab, unchanged, with the instants of its spawns and of its collect recorded (monotonic ns).
+    `after_source` is called once the source runs (warmed up), before the destination starts."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, after_source: Callable[[], None] | None = None, **kwargs: Any):
         self.spawns: list[tuple[str, int, int]] = []  # (VM name, start, end)
         self.t_collect = 0
+        self.after_source = after_source
+        self.waited_s = 0.0  # in after_source
         super().__init__(*args, **kwargs)
+
+    def _start_source(self) -> None:
+        super()._start_source()
+        if self.after_source is not None:
+            t0 = time.monotonic()
+            self.after_source()
+            self.waited_s = time.monotonic() - t0
 
     def _spawn(self, config: VMConfig, connect: bool = True) -> Machine:
         t0 = time.monotonic_ns()
@@ -100,9 +112,11 @@ def cell_parts(lab: TimedLab, t_start: int, t_run_end: int, t_end: int) -> dict[
         if name == "start-source":
             spawn = sum((b - a) / 1e9 for who, a, b in lab.spawns if who == "source")
             warmup = min(lab.scenario.warmup, max(0.0, seconds - spawn))
+            waited = min(lab.waited_s, max(0.0, seconds - spawn - warmup))
             out["source_spawn"] += spawn
             out["warmup"] += warmup
-            out["source_boot_prefill"] += max(0.0, seconds - spawn - warmup)
+            out["previous_teardown"] += waited
+            out["source_boot_prefill"] += max(0.0, seconds - spawn - warmup - waited)
         elif name == "start-destination":
             out["destination_start"] += seconds
         else:
@@ -112,14 +126,47 @@ def cell_parts(lab: TimedLab, t_start: int, t_run_end: int, t_end: int) -> dict[
     return out
 
 
-def timed_migrate(**settings: Any) -> tuple[Result, dict[str, float]]:
-    """labkit.lab.engine.migrate(**settings), and its wall time by CELL_PARTS."""
+class Teardowns:
+    """One migration's teardown at a time, in the background: the next cell's source spawns and boots while
+    the last cell's VMs exit, and `wait` (called once that source is warmed up) makes sure nothing of the
+    last cell still runs when the next destination starts and the migration is measured."""
+
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+
+    def start(self, lab: Lab, parts: dict[str, float], t_run_end: int) -> None:
+        self.wait()
+
+        def close() -> None:
+            lab.close()
+            parts["teardown"] = (time.monotonic_ns() - t_run_end) / 1e9
+
+        self.thread = threading.Thread(target=close, name="bench-teardown", daemon=True)
+        self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+
+def timed_migrate(teardowns: Teardowns | None = None, **settings: Any) -> tuple[Result, dict[str, float]]:
+    """labkit.lab.engine.migrate(**settings), and its wall time by CELL_PARTS. With `teardowns`, the Lab is
+    closed in the background (its "teardown" part is filled in when that ends: call teardowns.wait())."""
     t_start = time.monotonic_ns()
-    lab = TimedLab(**settings)
-    with lab:
+    lab = TimedLab(after_source=teardowns.wait if teardowns else None, **settings)
+    try:
         res = lab.run()
-        t_run_end = time.monotonic_ns()
-    return res, cell_parts(lab, t_start, t_run_end, time.monotonic_ns())
+    except BaseException:
+        lab.close()
+        raise
+    t_run_end = time.monotonic_ns()
+    if teardowns is None:
+        lab.close()
+        return res, cell_parts(lab, t_start, t_run_end, time.monotonic_ns())
+    parts = cell_parts(lab, t_start, t_run_end, t_run_end)
+    teardowns.start(lab, parts, t_run_end)
+    return res, parts
 
 
 def summarize_cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -140,7 +187,7 @@ def summarize_cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             c["seconds"][k] += parts.get(k, 0.0)
     for c in cells.values():
         c["seconds"] = {k: round(v, 2) for k, v in c["seconds"].items()}
-        c["seconds"]["total"] = round(sum(c["seconds"].values()), 2)
+        c["seconds"]["total"] = round(sum(c["seconds"].values()), 2)  # teardown included, overlapped or not
     return list(cells.values())
 
 
@@ -154,8 +201,8 @@ def format_phases(seconds_by_phase: dict[str, float], by_cell: list[dict[str, An
     lines += [f"  {name:{width}s} {s:7.1f}  {100 * s / total:4.0f}%" for name, s in seconds_by_phase.items()]
     if by_cell:
         short = {"lab_setup": "setup", "source_spawn": "spawn", "source_boot_prefill": "boot",
-                 "warmup": "warm", "destination_start": "dest", "migration": "migr", "collect": "coll",
-                 "teardown": "down"}  # fmt: skip
+                 "warmup": "warm", "destination_start": "dest", "previous_teardown": "wait",
+                 "migration": "migr", "collect": "coll", "teardown": "down"}  # fmt: skip
         lines.append(
             "  by cell, all runs (s): " + " ".join(f"{k:>6s}" for k in (*short.values(), "total"))
         )

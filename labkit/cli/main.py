@@ -244,6 +244,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         plan.name += " with options"  # the report's plan says what ran; the name says it is not the stock one
     report = run_bench(plan, show_progress=not args.json)
     command = "labkit " + " ".join(shlex.quote(a) for a in args.argv)
+    report["command"] = command  # with the plan, what a stored run was made by
     if args.csv:
         os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
         write_csv(report, args.csv, command)

@@ -212,6 +212,6 @@ def format_phases(seconds_by_phase: dict[str, float], by_cell: list[dict[str, An
                 f" x{c['runs']}"
             )
             lines.append(
-                f"    {where:34s}" + " ".join(f"{c['seconds'][k]:6.1f}" for k in (*short, "total"))
+                f"    {where:34s}" + " ".join(f"{c['seconds'].get(k, 0.0):6.1f}" for k in (*short, "total"))
             )
     return lines

@@ -140,7 +140,7 @@ def test_plan_runs_cpr_at_the_idle_rate_and_precopy_at_both():
         ("normal", bench.IDLE_RATE),
         ("normal", bench.WRITING_RATE),
     }
-    assert {r for _, m, r, _ in cells if m == "normal"} == {512 * MiB}  # --quick: pre-copy at 512 MiB
+    assert {r for _, m, r, _ in cells if m == "normal"} == {1024 * MiB}
     assert {r for _, m, r, _ in cells if m == "cpr-transfer"} == {256 * MiB, 1024 * MiB}
     assert {b for b, *_ in cells} == {"emulated", "qemu"}
 

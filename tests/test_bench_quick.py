@@ -32,11 +32,11 @@ def test_the_quick_plan_keeps_every_cell_the_ratios_need():
 
 def test_the_plan_a_run_used_is_in_its_output_and_says_quick_is_not_the_reference():
     quick = bench.BenchPlan.quick(["emulated"]).describe()
-    assert quick["name"] == "quick" and quick["reps"] == 3 and quick["precopy_rams"] == [512 * MiB]
+    assert quick["name"] == "quick" and quick["reps"] == 3 and quick["precopy_rams"] == [1024 * MiB]
     assert quick["ceiling_methods"]["socket"] and quick["ceilings_after"] == "winner"
     text = "\n".join(quick["text"])
     assert "plan quick (NOT the reference run" in text
-    assert "pre-copy at 512M" in text and "cpr at 256M+1G" in text and "the winning method only" in text
+    assert "pre-copy at 1G" in text and "cpr at 256M+1G" in text and "the winning method only" in text
     assert "numpy copyto" in text and "sendfile, 4096 KiB socket buffers" in text
     full = "\n".join(bench.BenchPlan(backends=["emulated"]).describe()["text"])
     assert full.startswith("plan full:") and "every method" in full and "NOT" not in full

@@ -12,24 +12,24 @@ its ceiling is different: it proves the ceiling wrong, and `labkit bench` exits 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 from labkit import __version__
 from labkit.host.hardware import VMConfig
+from labkit.measure.bench_plan import IDLE_RATE, WRITING_RATE, BenchPlan
+
+__all__ = ["IDLE_RATE", "RATIO_TARGETS", "TARGET_RAM", "WRITING_RATE", "BenchPlan", "run_bench"]
+from labkit.measure.bench_timing import PhaseClock, Teardowns, format_phases, summarize_cells, timed_migrate
 from labkit.qemu_syntax import GuestConfig, MiB, format_size
 
-#: The "idle" guest, the same on both backends: one page written a second. (The real guest has no idle: its
-#: dirty-rate 0 means "as fast as it can".)
-IDLE_RATE = 4096
-#: The "writing" guest of the like-for-like pre-copy comparison, the same rate on both backends.
-WRITING_RATE = 256 * MiB
 #: The RAM size the pause targets are judged at (or the nearest one measured).
 TARGET_RAM = 1024 * MiB
 
@@ -45,44 +45,6 @@ RATIO_TARGETS = {
     "precopy_writing_emulated_over_qemu": (">=", 1.0),
     "ceiling_largest_ratio": ("<=", 1.0),
 }
-
-
-@dataclass
-class BenchPlan:
-    """What one bench run migrates. cpr modes run at the first dirty rate only (their pause holds no RAM);
-    pre-copy ("normal") runs at every dirty rate and at the precopy_rams (all RAM sizes if empty)."""
-
-    modes: list[str] = field(default_factory=lambda: ["cpr-transfer", "normal"])
-    rams: list[int] = field(default_factory=lambda: [256 * MiB, 1024 * MiB, 4096 * MiB])
-    dirty_rates: list[int] = field(default_factory=lambda: [IDLE_RATE, WRITING_RATE])
-    backends: list[str] = field(default_factory=lambda: ["emulated", "qemu"])
-    reps: int = 5
-    max_bandwidth: int = 10 << 30
-    vm_reps: int = 5
-    precopy_rams: list[int] = field(default_factory=list)
-    floor_runs: int = 30
-    ceiling_bytes: int = 256 * MiB  # moved per copy/socket ceiling run
-
-    @classmethod
-    def quick(cls, backends: list[str]) -> BenchPlan:
-        return cls(
-            rams=[256 * MiB, 1024 * MiB],
-            backends=backends,
-            reps=3,
-            vm_reps=2,
-            precopy_rams=[1024 * MiB],
-            ceiling_bytes=128 * MiB,
-        )
-
-    def cells(self) -> list[tuple[str, str, int, int]]:
-        """(backend, mode, RAM, dirty rate) of every cell, in the order they run."""
-        out = []
-        for b in self.backends:
-            for m in self.modes:
-                rams = (self.precopy_rams or self.rams) if m == "normal" else self.rams
-                rates = self.dirty_rates if m == "normal" else self.dirty_rates[:1]
-                out += [(b, m, r, d) for r in rams for d in rates]
-        return out
 
 
 def _stats(values: Sequence[float | None]) -> dict[str, float | None]:
@@ -115,25 +77,39 @@ def machine_facts() -> dict[str, Any]:
 
 
 def measure_ceilings(
-    before: dict[str, Any] | None = None, floor_runs: int = 30, size: int = 256 * MiB
+    before: dict[str, Any] | None = None,
+    floor_runs: int = 30,
+    size: int = 256 * MiB,
+    clock: PhaseClock | None = None,
+    plan: BenchPlan | None = None,
 ) -> dict[str, Any]:
-    """Every ceiling and the pause floor; with `before` (the same measured earlier in this run), the better
-    of the two for each: a ceiling is what the machine can do when the load lets it."""
+    """Every ceiling and the pause floor, by the plan's methods; with `before` (the same measured earlier in
+    this run), the better of the two for each: a ceiling is what the machine can do when the load lets it.
+    A plan with ceilings_after="winner" measures each ceiling again by the method that won before only.
+    `clock` gets the wall time of the ceilings and of the floor, each under its own name."""
     from labkit.measure import ceilings, pause_floor
 
-    now: dict[str, Any] = {k: c.as_dict() for k, c in ceilings.measure_all(size).items()}
-    now["pause_floor"] = pause_floor.measure(floor_runs)
+    clock = clock or PhaseClock()
+    methods = plan.ceiling_methods if plan else None
+    if before is not None and plan is not None and plan.ceilings_after == "winner":
+        methods = {k: (before[k]["method"],) for k in ("copy", "socket")}
+    when = "after" if before else "before"
+    with clock.phase(f"ceilings {when} (copy, socket, fd pass)"):
+        now: dict[str, Any] = {k: c.as_dict() for k, c in ceilings.measure_all(size, methods=methods).items()}
+    with clock.phase(f"pause floor {when} ({floor_runs} runs)"):
+        now["pause_floor"] = pause_floor.measure(floor_runs)
     if before is None:
         return now
     out = {}
     for k, c in now.items():
         b = before[k]
         if k == "pause_floor":  # a distribution: both halves together
-            runs = b["runs_ms"] + c["runs_ms"]
-            out[k] = pause_floor.summarize(runs)
+            out[k] = pause_floor.summarize(b["runs_ms"] + c["runs_ms"])
             continue
         better = c["value"] > b["value"] if c["unit"] == "bytes/s" else c["value"] < b["value"]
-        out[k] = c if better else b
+        best, other = (c, b) if better else (b, c)
+        # every method's median stays listed, from the run where the ceiling's value came from
+        out[k] = {**best, "methods": {**other["methods"], **best["methods"]}}
     return out
 
 
@@ -211,32 +187,40 @@ def available_backends(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
     return out, skipped
 
 
-def run_matrix(plan: BenchPlan, progress=None) -> list[dict[str, Any]]:
-    """One row per migration: the flattened Result plus the cell's coordinates."""
-    from labkit.lab.engine import migrate
-
+def run_matrix(plan: BenchPlan, progress=None, clock: PhaseClock | None = None) -> list[dict[str, Any]]:
+    """One row per migration: the flattened Result plus the cell's coordinates and its wall time by part
+    (seconds_by_part); `clock` gets each backend's wall time."""
+    clock = clock or PhaseClock()
     rows = []
+    teardowns = Teardowns()  # each cell's VMs exit while the next cell's source boots, never while it migrates
+    backend = ""
     # rep by rep over every cell, so load that comes and goes on a shared machine hits every cell alike
     for rep in range(plan.reps):
         for backend, mode, ram, dirty in plan.cells():
             # both guests start with all their RAM written (prefill: the emulated guest writes it at boot, the
             # real guest's host fills what it has not reached), so pre-copy moves pages, not zero runs
-            res = migrate(
-                backend=backend,
-                mode=mode,
-                ram=ram,
-                dirty_rate=dirty,
-                max_bandwidth=plan.max_bandwidth,
-                seed=rep + 1,
-                warmup=0.3,
-                prefill=True,
-            )
+            with clock.phase(f"migrations {backend}"):
+                res, parts = timed_migrate(
+                    teardowns,
+                    backend=backend,
+                    mode=mode,
+                    ram=ram,
+                    dirty_rate=dirty,
+                    max_bandwidth=plan.max_bandwidth,
+                    seed=rep + 1,
+                    warmup=plan.warmup,
+                    prefill=True,
+                    progress=plan.progress,
+                )
             row = res.flat()
             row["rep"] = rep
+            row["seconds_by_part"] = parts  # its teardown is filled in when that ends
             row["pause_breakdown"] = [asdict(b) for b in res.pause_breakdown]
             rows.append(row)
             if progress is not None:
                 progress.update(1)
+    with clock.phase(f"migrations {backend}") if backend else contextlib.nullcontext():
+        teardowns.wait()
     return rows
 
 
@@ -441,37 +425,39 @@ def run_bench(plan: BenchPlan, show_progress: bool = True) -> dict[str, Any]:
     backends, skipped = available_backends(plan.backends)
     plan.backends = backends
     t0 = time.monotonic()
+    clock = PhaseClock()
     load = {"start": os.getloadavg()}
-    ceilings = measure_ceilings(floor_runs=plan.floor_runs, size=plan.ceiling_bytes)
-    vm = vm_bench(plan.vm_reps)
+    ceilings = measure_ceilings(floor_runs=plan.floor_runs, size=plan.ceiling_bytes, clock=clock, plan=plan)
+    with clock.phase("emulated VM figures (spawn, quiesce, dirty rate, RSS)"):
+        vm = vm_bench(plan.vm_reps)
     with tqdm(
         total=len(plan.cells()) * plan.reps, desc="migrations", disable=not show_progress, leave=False
     ) as bar:
-        rows = run_matrix(plan, bar)
+        rows = run_matrix(plan, bar, clock)
     # again after the migrations: the better of the two counts
-    ceilings = measure_ceilings(ceilings, floor_runs=plan.floor_runs, size=plan.ceiling_bytes)
+    ceilings = measure_ceilings(
+        ceilings, floor_runs=plan.floor_runs, size=plan.ceiling_bytes, clock=clock, plan=plan
+    )
     load["end"] = os.getloadavg()
-    summary = summarize(rows)
+    with clock.phase("report (summaries, breakdown, ratios)"):
+        summary = summarize(rows)
+        breakdown = summarize_breakdown(rows)
+        ratios = compute_ratios(summary, ceilings, vm)
+        breaches = ceiling_breaches(summary, ceilings, vm)
     return {
         "machine": {**machine_facts(), "loadavg": load},
-        "plan": {
-            "modes": plan.modes,
-            "rams": plan.rams,
-            "precopy_rams": plan.precopy_rams or plan.rams,
-            "dirty_rates": plan.dirty_rates,
-            "backends": backends,
-            "reps": plan.reps,
-            "max_bandwidth": plan.max_bandwidth,
-        },
+        "plan": plan.describe(),
         "skipped_backends": skipped,
         "ceilings": ceilings,
         "vm": vm,
         "cells": summary,
-        "pause_breakdown": summarize_breakdown(rows),
+        "pause_breakdown": breakdown,
         "runs": rows,
-        "ratios": compute_ratios(summary, ceilings, vm),
-        "ceiling_breaches": ceiling_breaches(summary, ceilings, vm),
+        "ratios": ratios,
+        "ceiling_breaches": breaches,
         "seconds": round(time.monotonic() - t0, 1),
+        "seconds_by_phase": clock.as_dict(),
+        "seconds_by_cell": summarize_cells(rows),
     }
 
 
@@ -525,6 +511,7 @@ def format_report(report: dict[str, Any]) -> str:
             "load average (1/5/15 min): start " + "/".join(f"{x:.2f}" for x in load["start"])
             + ", end " + "/".join(f"{x:.2f}" for x in load["end"])
         )  # fmt: skip
+    lines += report.get("plan", {}).get("text", [])
     lines += format_ceilings(report["ceilings"])
     v = report["vm"]
 
@@ -567,5 +554,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {name:45s} {f(r['value'], '{:.3f}'):>8s}  target {r['target']:>7s}  {mark}")
     for line in report.get("ceiling_breaches", []):
         lines.append(line)
+    if report.get("seconds_by_phase"):
+        lines += ["", *format_phases(report["seconds_by_phase"], report.get("seconds_by_cell", []))]
     lines.append(f"\n{len(report['runs'])} migrations in {report['seconds']} s")
     return "\n".join(lines)

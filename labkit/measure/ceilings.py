@@ -24,7 +24,7 @@ import os
 import socket
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -119,12 +119,26 @@ def _copy_methods(
     }
 
 
-def copy_ceiling(size: int = 256 * MiB, reps: int = 3) -> Ceiling:
+def _only(names: Iterable[str], wanted: Iterable[str] | None) -> list[str]:
+    """The method names to measure: all of `names`, or those of them in `wanted` (an unknown one is an error,
+    not a ceiling quietly measured another way)."""
+    names = list(names)
+    if wanted is None:
+        return names
+    unknown = set(wanted) - set(names)
+    if unknown:
+        raise ValueError(f"unknown ceiling method(s) {sorted(unknown)}; known: {names}")
+    return [n for n in names if n in set(wanted)]
+
+
+def copy_ceiling(size: int = 256 * MiB, reps: int = 3, methods_wanted: Iterable[str] | None = None) -> Ceiling:
     """Bytes/s copying guest-RAM-like memory (a memfd mapping) into another one that is already faulted in."""
     sfd, src = _memfd("ceiling-src", size, 0x5A)
     dfd, dst = _memfd("ceiling-dst", size, None)
     try:
         methods = _copy_methods(src, dst, sfd, dfd, size)
+        for name in set(methods) - set(_only(methods, methods_wanted)):
+            del methods[name]
         try:
             return best_of("copy", "bytes/s", methods, reps)
         finally:
@@ -193,16 +207,22 @@ SENDERS = {
 }
 
 
-def socket_ceiling(size: int = 256 * MiB, reps: int = 3) -> Ceiling:
+def socket_method_name(sender: str, bufsize: int) -> str:
+    return f"{sender}, {bufsize >> 10} KiB socket buffers"
+
+
+def socket_ceiling(size: int = 256 * MiB, reps: int = 3, methods_wanted: Iterable[str] | None = None) -> Ceiling:
     """Bytes/s from a memfd (guest RAM) through a unix stream socket into another process's pre-faulted
-    mapping: the best of sendfile, sendmsg and splice, each with several socket buffer sizes. One receiver
-    per method, its mapping faulted in once."""
+    mapping: the best of sendfile, sendmsg and splice, each with several socket buffer sizes (or of the
+    `methods_wanted` among them). One receiver per method, its mapping faulted in once."""
+    combos = {socket_method_name(s, b): (s, b) for s, b in itertools.product(SENDERS, SOCKET_BUFFERS)}
     fd, mm = _memfd("ceiling-send", size, 0x5A)
     methods: dict[str, Callable[[], float]] = {}
     children: list[tuple[int, socket.socket]] = []
     try:
-        for (sender, send), bufsize in itertools.product(SENDERS.items(), SOCKET_BUFFERS):
-            name = f"{sender}, {bufsize >> 10} KiB socket buffers"
+        for name in _only(combos, methods_wanted):
+            sender, bufsize = combos[name]
+            send = SENDERS[sender]
             a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             for s in (a, b):
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
@@ -282,11 +302,15 @@ def fd_pass_round_trip(nfds: int = 7, size: int = 256 * MiB, reps: int = 20) -> 
                    {"send_fds + mmap + 1-byte answer": statistics.median(times)})  # fmt: skip
 
 
-def measure_all(size: int = 256 * MiB, reps: int = 3) -> dict[str, Ceiling]:
-    """Every ceiling, in one go (the bench runs these before any VM starts)."""
+def measure_all(
+    size: int = 256 * MiB, reps: int = 3, methods: Mapping[str, Iterable[str]] | None = None
+) -> dict[str, Ceiling]:
+    """Every ceiling, in one go (the bench runs these before any VM starts); `methods` narrows a ceiling
+    ("copy", "socket") to the named methods (`labkit bench --quick`)."""
+    methods = methods or {}
     return {
-        "copy": copy_ceiling(size, reps),
-        "socket": socket_ceiling(size, reps),
+        "copy": copy_ceiling(size, reps, methods.get("copy")),
+        "socket": socket_ceiling(size, reps, methods.get("socket")),
         "fd_pass": fd_pass_round_trip(),
     }
 

@@ -21,6 +21,9 @@ from labkit.vm.migration.vmstate import SaveVMState, q35_savevm_handlers
 MAX_IOV_SIZE = 512
 #: Small fields are gathered up to this size before a send (QEMU's IO_BUF_SIZE is 32 KiB).
 IO_BUF_SIZE = 32768
+#: The reader's read-ahead: a few hundred page records, so ram_runs.py checks and copies them in one numpy step
+#: each (per-step overhead is tens of microseconds) and one recv_into brings in what the socket holds.
+READ_AHEAD_SIZE = 1 << 20
 #: SO_SNDBUF/SO_RCVBUF asked for on socket channels: with Linux's default (~208 KiB) source and destination
 #: take turns instead of overlapping; 1 MiB lets one prepare the next chunk while the other copies
 #: (scripts/bench_stream.py measures the difference).
@@ -72,6 +75,7 @@ class QEMUFileOut:
             _grow_socket_buffer(self._sock, socket.SO_SNDBUF)
         self._rate_limit = rate_limit
         self._buf = bytearray()
+        self._scratch = bytearray()
         self.bytes_sent = 0
         self.savevm = SaveVMState()
         for idstr, instance_id, _ in q35_savevm_handlers(serial=True) if handlers is None else handlers:
@@ -113,6 +117,13 @@ class QEMUFileOut:
         """Send several buffers, in order, with as few system calls as possible (QEMU's iovec flush)."""
         self.bytes_sent += sum(len(b) for b in bufs)
         self._writev(list(bufs))
+
+    def scratch(self, n: int) -> memoryview:
+        """A reusable buffer of ``n`` bytes to assemble data in before one put: sends are synchronous, so it
+        is free again once that put returns (one allocation per migration, not one per chunk)."""
+        if len(self._scratch) < n:
+            self._scratch = bytearray(n)
+        return memoryview(self._scratch)[:n]
 
     def flush(self) -> None:
         """qemu_fflush(): push the buffered small fields to the channel."""
@@ -179,7 +190,7 @@ class QEMUFileIn:
     A stream that ends early raises StreamError.
     """
 
-    def __init__(self, source: socket.socket | io.RawIOBase | io.BufferedIOBase, bufsize: int = IO_BUF_SIZE):
+    def __init__(self, source: socket.socket | io.RawIOBase | io.BufferedIOBase, bufsize: int = READ_AHEAD_SIZE):
         self._sock = source if isinstance(source, socket.socket) else None
         self._read_into: Callable[[memoryview], int | None] = (
             source.recv_into if isinstance(source, socket.socket) else source.readinto
@@ -250,6 +261,23 @@ class QEMUFileIn:
         """The next ``n`` (<= 256) bytes without consuming them (qemu_peek_buffer())."""
         self._fill(n)
         return bytes(self._mv[self._pos : self._pos + n])
+
+    @property
+    def read_ahead_size(self) -> int:
+        return len(self._buf)
+
+    def peek_buffered(self, need: int) -> memoryview:
+        """Every unread byte already in the read-ahead buffer, after waiting for at least ``need`` (<= its
+        size): what a parser of many records at once reads; skip_buffered() then consumes what it took."""
+        self._fill(need)
+        return self._mv[self._pos : self._end]
+
+    def skip_buffered(self, n: int) -> None:
+        """Consume ``n`` bytes that peek_buffered() showed (qemu_file_skip())."""
+        if n > self._end - self._pos:
+            raise ValueError(f"only {self._end - self._pos} bytes are buffered, not {n}")
+        self._pos += n
+        self.bytes_received += n
 
     def skip(self, n: int) -> None:
         """Read and drop ``n`` bytes (a reader that only counts, such as stream-inspect)."""

@@ -23,6 +23,7 @@ from labkit.errors import LabkitError
 from labkit.vm.migration.interface import MigratableRAMBlock
 from labkit.vm.migration.qapi import MigMode
 from labkit.vm.migration.qemu_file import QEMUFileIn, QEMUFileOut, StreamError, counted_string
+from labkit.vm.migration.ram_runs import load_page_run, put_page_run
 from labkit.vm.migration.savevm import (
     QEMU_VM_SECTION_END,
     QEMU_VM_SECTION_PART,
@@ -342,6 +343,10 @@ def ram_save_pages(
             nz = np.ones(c1 - c0, dtype=bool)
         name = None if f.savevm.last_sent_block == block else counted_string(block)
         f.savevm.last_sent_block = block
+        if name is None and nz.all():  # real pages only: one buffer, one send (ram_runs.py)
+            put_page_run(f, first_page + c0, chunk, RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE)
+            normal += c1 - c0
+            continue
         meta, header_ends = _chunk_records(first_page + c0, nz, name)
         mv = memoryview(meta)  # type: ignore[arg-type]  # numpy arrays are buffers; numpy's stubs say otherwise
         iov: list[bytes | memoryview] = []
@@ -434,14 +439,19 @@ def ram_load_precopy(f: QEMUFileIn, rl: RamLoad, rec: SectionRecord) -> None:
     normal = zero = 0
     get_be64, get_byte, read_into = f.get_be64, f.get_byte, f.read_into  # one lookup, not one per page
     page_mask, continue_flag = TARGET_PAGE_MASK, RAM_SAVE_FLAG_CONTINUE
+    try_run = True  # a run (ram_runs.py) is tried after a page record only, not before every zero page
     try:
         while True:
+            if try_run and view is not None:
+                normal += load_page_run(f, view, limit, RAM_SAVE_FLAG_PAGE | continue_flag)
+            try_run = False  # the run stopped at a record it does not take: that one goes the exact way
             addr = get_be64()
             flags = addr & ~page_mask
             addr &= page_mask
             if flags == RAM_SAVE_FLAG_PAGE | continue_flag and view is not None and addr + PAGE_SIZE <= limit:
                 read_into(view[addr : addr + PAGE_SIZE])  # the common record, checked in one test
                 normal += 1
+                try_run = True
                 continue
             if flags == RAM_SAVE_FLAG_EOS:
                 return
@@ -463,6 +473,7 @@ def ram_load_precopy(f: QEMUFileIn, rl: RamLoad, rec: SectionRecord) -> None:
                 else:
                     f.read_into(view[addr : addr + PAGE_SIZE])
                 normal += 1
+                try_run = True
             else:
                 ch = get_byte()
                 if view is not None and (ch or zero_check):

@@ -17,7 +17,7 @@ import struct
 
 import numpy as np
 
-from labkit.vm.migration.qemu_file import QEMUFileIn, QEMUFileOut
+from labkit.vm.migration.qemu_file import QEMUFileIn, QEMUFileOut, StreamError
 
 PAGE_SIZE = 4096  # TARGET_PAGE_SIZE (ram.py's; not imported from there, which imports this module)
 PAGE_BITS = 12
@@ -27,6 +27,8 @@ _FLAGS_MASK = PAGE_SIZE - 1
 MIN_RUN = 16
 _HDR = np.dtype(">u8")
 _BE64 = struct.Struct(">Q")
+#: i * PAGE_SIZE: the headers of consecutive pages, less the first one's (a read-ahead of up to 64 MiB)
+_STEPS = np.arange((64 << 20) // RECORD_SIZE + 1, dtype=np.uint64) << np.uint64(PAGE_BITS)
 
 
 def put_page_run(f: QEMUFileOut, first_page: int, data: memoryview, flags: int) -> None:
@@ -53,30 +55,45 @@ def load_page_run(f: QEMUFileIn, view: memoryview, limit: int, flags: int) -> in
         return 0  # a small read-ahead (a test's) would pay numpy's per-step cost on a few pages each
     dest = np.frombuffer(view, dtype=np.uint8).reshape(-1, PAGE_SIZE)
     total = 0
-    while n := _load_buffered_run(f, dest, limit - PAGE_SIZE, flags, wait=not total):
-        total += n
+    try:
+        while n := _load_buffered_run(f, dest, limit - PAGE_SIZE, flags):
+            total += n
+    except StreamError:  # the stream ended inside a record: the per-record path meets the same end
+        if not total:
+            raise
     return total
 
 
-def _load_buffered_run(f: QEMUFileIn, dest: np.ndarray, last_offset: int, flags: int, wait: bool) -> int:
+def _load_buffered_run(f: QEMUFileIn, dest: np.ndarray, last_offset: int, flags: int) -> int:
     """One read-ahead buffer's worth of load_page_run(): every record it takes from the buffer."""
-    buf = f.peek_buffered(8) if wait else f.peek_buffered(0)
+    buf = f.peek_buffered(8)
     if len(buf) < RECORD_SIZE:  # a record cut by the buffer's end: read the rest only if it is one we take
-        if not wait or len(buf) < 8:
-            return 0
         (hdr,) = _BE64.unpack_from(buf)
         if hdr & _FLAGS_MASK != flags or hdr & ~_FLAGS_MASK > last_offset:
             return 0
         buf = f.peek_buffered(RECORD_SIZE)
-    k = len(buf) // RECORD_SIZE
-    hdrs = np.ndarray((k,), dtype=_HDR, buffer=buf, strides=(RECORD_SIZE,))
-    offsets = hdrs & np.uint64(~_FLAGS_MASK & 0xFFFFFFFFFFFFFFFF)
-    good = ((hdrs & np.uint64(_FLAGS_MASK)) == flags) & (offsets <= np.uint64(last_offset))
-    n = k if good.all() else int(np.argmin(good))
-    if n:
+    k = min(len(buf) // RECORD_SIZE, len(_STEPS))
+    # native and contiguous first: numpy is several times slower on strided big-endian words
+    hdrs = np.ndarray((k,), dtype=_HDR, buffer=buf, strides=(RECORD_SIZE,)).astype(np.uint64)
+    last = last_offset | flags  # with the flags right, offset <= last_offset is hdr <= last
+    first = int(hdrs[0])
+    if (
+        first & _FLAGS_MASK == flags
+        and first <= last
+        and int(hdrs[-1]) <= last
+        and bool((hdrs == first + _STEPS[:k]).all())
+    ):  # the common case, checked in three vector steps: consecutive pages, every flag and offset right
+        n = k
         pages = np.ndarray((n, PAGE_SIZE), dtype=np.uint8, buffer=buf, offset=8, strides=(RECORD_SIZE, 1))
-        _scatter(dest, (offsets[:n] >> np.uint64(PAGE_BITS)).astype(np.intp), pages)
-        f.skip_buffered(n * RECORD_SIZE)
+        dest[first >> PAGE_BITS : (first >> PAGE_BITS) + n] = pages
+    else:
+        good = ((hdrs & np.uint64(_FLAGS_MASK)) == np.uint64(flags)) & (hdrs <= np.uint64(last))
+        n = k if good.all() else int(np.argmin(good))
+        if not n:
+            return 0
+        pages = np.ndarray((n, PAGE_SIZE), dtype=np.uint8, buffer=buf, offset=8, strides=(RECORD_SIZE, 1))
+        _scatter(dest, (hdrs[:n] >> np.uint64(PAGE_BITS)).view(np.intp), pages)  # < 2**52: a view will do
+    f.skip_buffered(n * RECORD_SIZE)
     return n
 
 

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from labkit.vm.migration import ram as ram_module
+from labkit.vm.migration import ram_runs
 from labkit.vm.migration import stream as s
 from labkit.vm.migration.ram_runs import MIN_RUN, RECORD_SIZE
 from labkit.vm.migration.stream import PAGE_SIZE, QEMUFileIn, QEMUFileOut, StreamError
@@ -70,23 +71,27 @@ def stream_of(records: bytes) -> bytes:
     return HEADER + start_section(tuple(BLOCKS.items())) + part(records) + device() + EOF
 
 
-def load(data: bytes, piece: int, bufsize: int, runs: bool, monkeypatch) -> tuple:
-    """Everything a load leaves behind: RAM, counts, bytes read, and the error (text, errno) if any."""
+def load(data: bytes, piece: int, bufsize: int, runs: bool, monkeypatch, zero_check: bool = True) -> tuple:
+    """Everything a load leaves behind: RAM, counts, bytes read, and the error (text, errno) if any; and how
+    many pages went by runs (page runs and zero runs)."""
     taken = [0]
-    real = ram_module.load_page_run
 
-    def spy(*args):
-        n = real(*args) if runs else 0
-        taken[0] += n
-        return n
+    def spy(real):
+        def run(*args):
+            n = real(*args) if runs else 0
+            taken[0] += n
+            return n
 
-    monkeypatch.setattr(ram_module, "load_page_run", spy)
-    ram = GuardedRAM(BLOCKS, fill=0x33)  # not fresh: zero pages must be written
+        return run
+
+    monkeypatch.setattr(ram_module, "load_page_run", spy(ram_runs.load_page_run))
+    monkeypatch.setattr(ram_module, "load_zero_run", spy(ram_runs.load_zero_run))
+    ram = GuardedRAM(BLOCKS, fill=0x33)  # not fresh: zero pages are written unless zero_check is off
     f = QEMUFileIn(PieceReader(data, piece), bufsize=bufsize)
     err = None
     stats = None
     try:
-        stats = s.qemu_loadvm_state(f, ram, recorder([]))
+        stats = s.qemu_loadvm_state(f, ram, recorder([]), zero_page_needs_write=lambda name: zero_check)
     except StreamError as e:
         err = (str(e), e.errno)
     assert ram.guards_intact()
@@ -94,13 +99,15 @@ def load(data: bytes, piece: int, bufsize: int, runs: bool, monkeypatch) -> tupl
     return {n: ram.block(n) for n in BLOCKS}, counts, f.bytes_received, err, taken[0]
 
 
-def same_as_per_record(data: bytes, piece: int, monkeypatch, bufsize: int = 1 << 20) -> tuple:
+def same_as_per_record(
+    data: bytes, piece: int, monkeypatch, bufsize: int = 1 << 20, zero_check: bool = True
+) -> tuple:
     """Load `data` with runs and record by record; both must end the same. Returns the run load's outcome.
 
     Only a stream that ends inside a page may differ, in that page (migration failed, the RAM is not the
     guest's): record by record writes the part that came, a run waits for the whole record first."""
-    fast = load(data, piece, bufsize, True, monkeypatch)
-    exact = load(data, piece, bufsize, False, monkeypatch)
+    fast = load(data, piece, bufsize, True, monkeypatch, zero_check)
+    exact = load(data, piece, bufsize, False, monkeypatch, zero_check)
     if fast[3] is not None and fast[3][1] == errno.EIO:
         assert fast[3] == exact[3]
     else:
@@ -126,7 +133,28 @@ def test_runs_zero_pages_and_block_switches(monkeypatch):
     want[5 * PAGE_SIZE : 6 * PAGE_SIZE] = page(200, 5)
     assert ram["pc.ram"] == bytes(want)
     assert ram["vga"] == b"\x33" * 2 * PAGE_SIZE + page(99, 2) + b"".join(page(100 + p, p) for p in range(3, 8))
-    assert taken == 39 + 18 + 5  # every CONTINUE page after the first page record of each stretch
+    assert taken == 39 + 3 + 18 + 5  # every CONTINUE record after the first of its kind in each stretch
+
+
+@pytest.mark.parametrize("zero_check", [True, False])
+@pytest.mark.parametrize("piece", [1 << 20, 4, 9 * 7 + 5])
+def test_zero_runs(zero_check, piece, monkeypatch):
+    """Zero pages of a destination that is not fresh are cleared (zero_check) or left (a fresh mapping); a
+    fill byte and a zero page beyond the block end a run, the latter with QEMU's text."""
+    recs = rec(0, s.RAM_SAVE_FLAG_ZERO, b"\0", "pc.ram")
+    recs += b"".join(rec(p * PAGE_SIZE, s.RAM_SAVE_FLAG_ZERO, b"\0") for p in range(1, 40))
+    recs += rec(40 * PAGE_SIZE, s.RAM_SAVE_FLAG_ZERO, b"\x09")
+    recs += b"".join(rec(p * PAGE_SIZE, s.RAM_SAVE_FLAG_ZERO, b"\0") for p in range(41, 64))
+    ram, counts, _, err, taken = same_as_per_record(stream_of(recs), piece, monkeypatch, zero_check=zero_check)
+    assert err is None and counts is not None and counts[:2] == (0, 64)
+    old = b"\x33" * PAGE_SIZE
+    want = [bytes(PAGE_SIZE) if zero_check else old] * 64
+    want[40] = b"\x09" * PAGE_SIZE
+    assert ram["pc.ram"] == b"".join(want) and ram["vga"] == old * 8
+    assert 0 < taken <= 39 + 23 and (piece != 1 << 20 or taken == 39 + 23)
+    beyond = stream_of(recs + rec(64 * PAGE_SIZE, s.RAM_SAVE_FLAG_ZERO, b"\0"))
+    _, _, _, err, _ = same_as_per_record(beyond, piece, monkeypatch, zero_check=zero_check)
+    assert err == (f"Illegal RAM offset {64 * PAGE_SIZE:x}", errno.EINVAL)
 
 
 @pytest.mark.parametrize("piece", [1, 7, 4103, 4104, 4105, 3 * RECORD_SIZE + 11, 65537])
@@ -199,30 +227,33 @@ def test_a_malformed_record_inside_a_run(case, piece, monkeypatch):
     nrecs=st.integers(1, 300),
     piece=st.sampled_from([1 << 20, 4096, 4104, 9000, 100_003]),
     bufsize=st.sampled_from([1 << 20, MIN_RUN * RECORD_SIZE, 40 * RECORD_SIZE + 5]),
+    zero_check=st.booleans(),
 )
-def test_property_runs_load_what_records_load(seed, nrecs, piece, bufsize):
+def test_property_runs_load_what_records_load(seed, nrecs, piece, bufsize, zero_check):
     """Random streams, mostly runs with zero pages, block switches, jumps and now and then a bad record."""
     rng = np.random.default_rng(seed)
     recs = b""
-    block, nxt = None, 0
+    block, nxt, zeros = None, 0, 0
     for i in range(nrecs):
         r = rng.random()
         if block is None or r < 0.03:
             block = str(rng.choice(list(BLOCKS)))
             nxt = int(rng.integers(0, BLOCKS[block] // PAGE_SIZE))
             recs += rec(nxt * PAGE_SIZE, s.RAM_SAVE_FLAG_PAGE, page(i, nxt), block)
-        elif r < 0.15:
-            recs += rec(nxt * PAGE_SIZE, s.RAM_SAVE_FLAG_ZERO, bytes([int(rng.integers(0, 3))]))
-        elif r < 0.2:
+        elif r < 0.25 or zeros:  # zero pages, alone or in runs, now and then with a fill byte
+            zeros = max(zeros - 1, 0) or (int(rng.integers(0, 30)) if rng.random() < 0.3 else 0)
+            fill = int(rng.integers(1, 3)) if rng.random() < 0.05 else 0
+            recs += rec(nxt * PAGE_SIZE, s.RAM_SAVE_FLAG_ZERO, bytes([fill]))
+        elif r < 0.3:
             nxt = int(rng.integers(0, BLOCKS[block] // PAGE_SIZE + 1))  # a jump; now and then past the end
             recs += rec(nxt * PAGE_SIZE, s.RAM_SAVE_FLAG_PAGE, page(i, nxt))
-        elif r < 0.203:
+        elif r < 0.303:
             recs += be64(nxt * PAGE_SIZE | 0x80 | s.RAM_SAVE_FLAG_CONTINUE) + page(i, nxt)
         else:
             recs += rec(nxt * PAGE_SIZE, s.RAM_SAVE_FLAG_PAGE, page(i, nxt))
         nxt = (nxt + 1) % (BLOCKS[block] // PAGE_SIZE)
     with pytest.MonkeyPatch.context() as m:
-        same_as_per_record(stream_of(recs), piece, m, bufsize)
+        same_as_per_record(stream_of(recs), piece, m, bufsize, zero_check)
 
 
 def test_writer_runs_are_the_per_record_bytes():

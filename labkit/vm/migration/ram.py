@@ -5,8 +5,8 @@ Pass 1 sends every page (ram_list_init_bitmaps starts with all bits set); each l
 guest dirtied since the previous bitmap sync. Contiguous dirty pages go out as runs straight from the mapping
 (numpy finds the runs and the zero pages; no per-page Python work). max-bandwidth is enforced per 100 ms
 window (BUFFER_DELAY), as QEMU's rate limiter does. On the wire, each page is one record (see stream.py's
-layout): the writer builds a chunk's record headers in one numpy step, the reader copies each page into the
-destination's RAM from its read-ahead buffer or ``recv_into``s it there.
+layout): the writer builds a chunk's record headers in one numpy step; runs of plain page records go both
+ways in one numpy step (ram_runs.py), and the reader takes everything else record by record.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from labkit.errors import LabkitError
 from labkit.vm.migration.interface import MigratableRAMBlock
 from labkit.vm.migration.qapi import MigMode
 from labkit.vm.migration.qemu_file import QEMUFileIn, QEMUFileOut, StreamError, counted_string
-from labkit.vm.migration.ram_runs import load_page_run, put_page_run
+from labkit.vm.migration.ram_runs import load_page_run, load_zero_run, put_page_run
 from labkit.vm.migration.savevm import (
     QEMU_VM_SECTION_END,
     QEMU_VM_SECTION_PART,
@@ -439,19 +439,21 @@ def ram_load_precopy(f: QEMUFileIn, rl: RamLoad, rec: SectionRecord) -> None:
     normal = zero = 0
     get_be64, get_byte, read_into = f.get_be64, f.get_byte, f.read_into  # one lookup, not one per page
     page_mask, continue_flag = TARGET_PAGE_MASK, RAM_SAVE_FLAG_CONTINUE
-    try_run = True  # a run (ram_runs.py) is tried after a page record only, not before every zero page
+    run = RAM_SAVE_FLAG_PAGE  # the kind of run (ram_runs.py) worth trying: that of the last record
     try:
         while True:
-            if try_run and view is not None:
+            if run == RAM_SAVE_FLAG_PAGE and view is not None:
                 normal += load_page_run(f, view, limit, RAM_SAVE_FLAG_PAGE | continue_flag)
-            try_run = False  # the run stopped at a record it does not take: that one goes the exact way
+            elif run and view is not None:
+                zero += load_zero_run(f, view, limit, RAM_SAVE_FLAG_ZERO | continue_flag, zero_check)
+            run = 0  # the run stopped at a record it does not take: that one goes the exact way
             addr = get_be64()
             flags = addr & ~page_mask
             addr &= page_mask
             if flags == RAM_SAVE_FLAG_PAGE | continue_flag and view is not None and addr + PAGE_SIZE <= limit:
                 read_into(view[addr : addr + PAGE_SIZE])  # the common record, checked in one test
                 normal += 1
-                try_run = True
+                run = RAM_SAVE_FLAG_PAGE
                 continue
             if flags == RAM_SAVE_FLAG_EOS:
                 return
@@ -473,7 +475,7 @@ def ram_load_precopy(f: QEMUFileIn, rl: RamLoad, rec: SectionRecord) -> None:
                 else:
                     f.read_into(view[addr : addr + PAGE_SIZE])
                 normal += 1
-                try_run = True
+                run = RAM_SAVE_FLAG_PAGE
             else:
                 ch = get_byte()
                 if view is not None and (ch or zero_check):
@@ -483,6 +485,7 @@ def ram_load_precopy(f: QEMUFileIn, rl: RamLoad, rec: SectionRecord) -> None:
                     elif bytes(page) != _ZERO_PAGE:
                         page[:] = _ZERO_PAGE
                 zero += 1
+                run = RAM_SAVE_FLAG_ZERO
     finally:
         rl.last_block = name
         rec.normal_pages += normal

@@ -22,6 +22,7 @@ from labkit.vm.migration.qemu_file import QEMUFileIn, QEMUFileOut, StreamError
 PAGE_SIZE = 4096  # TARGET_PAGE_SIZE (ram.py's; not imported from there, which imports this module)
 PAGE_BITS = 12
 RECORD_SIZE = 8 + PAGE_SIZE  # be64 offset|flags, then the page
+ZERO_RECORD_SIZE = 9  # be64 offset|flags, then the fill byte (save_zero_page())
 _FLAGS_MASK = PAGE_SIZE - 1
 #: Fewest records a read-ahead buffer must hold for runs to pay off.
 MIN_RUN = 16
@@ -94,6 +95,49 @@ def _load_buffered_run(f: QEMUFileIn, dest: np.ndarray, last_offset: int, flags:
         pages = np.ndarray((n, PAGE_SIZE), dtype=np.uint8, buffer=buf, offset=8, strides=(RECORD_SIZE, 1))
         _scatter(dest, (hdrs[:n] >> np.uint64(PAGE_BITS)).view(np.intp), pages)  # < 2**52: a view will do
     f.skip_buffered(n * RECORD_SIZE)
+    return n
+
+
+def load_zero_run(f: QEMUFileIn, view: memoryview, limit: int, flags: int, zero_check: bool) -> int:
+    """load_page_run() for zero pages: the records at the head of ``f`` that are consecutive zero pages of
+    the current block carrying exactly ``flags`` (ZERO|CONTINUE) and fill byte 0. A page that is not zero
+    already is cleared, and only where ``zero_check`` says the memory may not be (ram_handle_zero())."""
+    if limit < PAGE_SIZE or f.read_ahead_size < MIN_RUN * RECORD_SIZE:
+        return 0
+    dest = np.frombuffer(view, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+    total = 0
+    try:
+        while n := _load_buffered_zero_run(f, dest, limit - PAGE_SIZE, flags, zero_check):
+            total += n
+    except StreamError:  # as in load_page_run()
+        if not total:
+            raise
+    return total
+
+
+def _load_buffered_zero_run(f: QEMUFileIn, dest: np.ndarray, last_offset: int, flags: int, check: bool) -> int:
+    buf = f.peek_buffered(8)
+    last = last_offset | flags
+    if len(buf) < ZERO_RECORD_SIZE:
+        (hdr,) = _BE64.unpack_from(buf)
+        if hdr & _FLAGS_MASK != flags or hdr > last:
+            return 0
+        buf = f.peek_buffered(ZERO_RECORD_SIZE)
+    k = min(len(buf) // ZERO_RECORD_SIZE, len(_STEPS))
+    records = np.frombuffer(buf, dtype=np.uint8, count=k * ZERO_RECORD_SIZE).reshape(k, ZERO_RECORD_SIZE)
+    hdrs = np.ascontiguousarray(records[:, :8]).view(_HDR).ravel().astype(np.uint64)
+    first = int(hdrs[0])
+    if first & _FLAGS_MASK != flags or first > last:
+        return 0
+    good = (hdrs == first + _STEPS[:k]) & (records[:, 8] == 0)  # consecutive, fill byte 0
+    n = k if good.all() else int(np.argmin(good))
+    n = min(n, (last - first) // PAGE_SIZE + 1)  # none beyond the block
+    if n and check:
+        pages = dest[first >> PAGE_BITS : (first >> PAGE_BITS) + n]
+        stale = np.flatnonzero(pages.any(axis=1))
+        if len(stale):
+            pages[stale] = 0
+    f.skip_buffered(n * ZERO_RECORD_SIZE)
     return n
 
 

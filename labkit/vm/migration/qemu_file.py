@@ -190,14 +190,19 @@ class QEMUFileIn:
     A stream that ends early raises StreamError.
     """
 
-    def __init__(self, source: socket.socket | io.RawIOBase | io.BufferedIOBase, bufsize: int = READ_AHEAD_SIZE):
+    def __init__(
+        self, source: socket.socket | io.RawIOBase | io.BufferedIOBase, bufsize: int = READ_AHEAD_SIZE
+    ):
         self._sock = source if isinstance(source, socket.socket) else None
         self._read_into: Callable[[memoryview], int | None] = (
             source.recv_into if isinstance(source, socket.socket) else source.readinto
         )
         if self._sock is not None:
             _grow_socket_buffer(self._sock, socket.SO_RCVBUF)
-        self._buf = bytearray(max(bufsize, 512))  # a counted string (<= 255 bytes) and a peek at one fit
+        self._read_ahead = max(bufsize, 512)  # a counted string (<= 255 bytes) and a peek at one fit
+        # small until the first run of pages asks for all of it (peek_buffered): 1 MiB costs ~75 us to
+        # allocate, which a cpr-transfer destination would pay inside the guest's pause
+        self._buf = bytearray(min(self._read_ahead, IO_BUF_SIZE))
         self._mv = memoryview(self._buf)
         self._pos = 0
         self._end = 0
@@ -264,11 +269,16 @@ class QEMUFileIn:
 
     @property
     def read_ahead_size(self) -> int:
-        return len(self._buf)
+        return self._read_ahead
 
     def peek_buffered(self, need: int) -> memoryview:
         """Every unread byte already in the read-ahead buffer, after waiting for at least ``need`` (<= its
         size): what a parser of many records at once reads; skip_buffered() then consumes what it took."""
+        if len(self._buf) < self._read_ahead:
+            left = self._end - self._pos
+            buf = bytearray(self._read_ahead)
+            buf[:left] = self._mv[self._pos : self._end]
+            self._buf, self._mv, self._pos, self._end = buf, memoryview(buf), 0, left
         self._fill(need)
         return self._mv[self._pos : self._end]
 

@@ -256,22 +256,28 @@ def test_property_runs_load_what_records_load(seed, nrecs, piece, bufsize, zero_
         same_as_per_record(stream_of(recs), piece, m, bufsize, zero_check)
 
 
-def test_writer_runs_are_the_per_record_bytes():
-    """A chunk of real pages goes out as one buffer; its bytes are the records a per-page writer sends."""
+@pytest.mark.parametrize("zero_pages", [[], [300], [300, 600, 601, 700]])
+def test_writer_runs_are_the_per_record_bytes(zero_pages):
+    """Chunks of real pages go out as one buffer each, a chunk with a zero page (found in that buffer's copy)
+    record by record; the bytes are the records a per-page writer sends."""
     npages = 3 * s.RAM_SAVE_CHUNK_PAGES + 5
-    src = np.random.default_rng(3).integers(1, 256, npages * PAGE_SIZE, dtype=np.uint8).tobytes()
+    src = bytearray(np.random.default_rng(3).integers(1, 256, npages * PAGE_SIZE, dtype=np.uint8).tobytes())
+    for p in zero_pages:
+        src[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] = bytes(PAGE_SIZE)
     with tempfile.TemporaryFile() as tf:
         f = QEMUFileOut(tf)
         s.ram_save_setup(f, [("pc.ram", npages * PAGE_SIZE)])
         start = f.bytes_sent
-        assert s.ram_save_pages(f, "pc.ram", 0, memoryview(src)) == (npages, 0)
+        assert s.ram_save_pages(f, "pc.ram", 0, memoryview(src)) == (npages - len(zero_pages), len(zero_pages))
         f.flush()
         sent = f.bytes_sent - start
         tf.seek(0)
         data = tf.read()
     body = data[len(data) - sent :]
     want = b"".join(
-        rec(p * PAGE_SIZE, s.RAM_SAVE_FLAG_PAGE, src[p * PAGE_SIZE : (p + 1) * PAGE_SIZE], None if p else "pc.ram")
+        rec(p * PAGE_SIZE, s.RAM_SAVE_FLAG_ZERO, b"\0")
+        if p in zero_pages
+        else rec(p * PAGE_SIZE, s.RAM_SAVE_FLAG_PAGE, src[p * PAGE_SIZE : (p + 1) * PAGE_SIZE], None if p else "pc.ram")
         for p in range(npages)
     )
     assert body[:5] == bytes([s.QEMU_VM_SECTION_PART]) + be32(1)  # the PART section's header, then records

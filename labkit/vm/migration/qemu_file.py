@@ -76,6 +76,8 @@ class QEMUFileOut:
         self._rate_limit = rate_limit
         self._buf = bytearray()
         self._scratch = bytearray()
+        #: Whether the last chunk of RAM sent had no zero page: ram.py's guess for the next (ram_runs.py)
+        self.real_pages = True
         self.bytes_sent = 0
         self.savevm = SaveVMState()
         for idstr, instance_id, _ in q35_savevm_handlers(serial=True) if handlers is None else handlers:

@@ -278,6 +278,8 @@ def _nonzero_pages(pages: np.ndarray) -> np.ndarray:
     every page of real data at the cost of two strided reads; only the other pages are scanned in full.
     """
     nz = (pages[:, 0] != 0) | (pages[:, -1] != 0)
+    if nz.all():
+        return cast(np.ndarray, nz)
     undecided = np.flatnonzero(~nz)
     if len(undecided) * 4 > len(nz):  # mostly zero-looking: one pass over the chunk beats gathering rows
         return cast(np.ndarray, pages.any(axis=1))
@@ -337,14 +339,22 @@ def ram_save_pages(
     for c0 in range(0, npages, step):
         c1 = min(c0 + step, npages)
         chunk = data[c0 * PAGE_SIZE : c1 * PAGE_SIZE]
+        name = None if f.savevm.last_sent_block == block else counted_string(block)
+        f.savevm.last_sent_block = block
+        # real pages only: one buffer, one send (ram_runs.py); tried first while the chunks before had no
+        # zero page, as it finds zero pages in its copy (a chunk with one is copied for nothing)
+        if name is None and f.real_pages:
+            nonzero = _nonzero_pages if detect_zero else None
+            if put_page_run(f, first_page + c0, chunk, RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE, nonzero):
+                normal += c1 - c0
+                continue
         if detect_zero:
             nz = _nonzero_pages(np.frombuffer(chunk, dtype=np.uint64).reshape(c1 - c0, PAGE_SIZE // 8))
         else:
             nz = np.ones(c1 - c0, dtype=bool)
-        name = None if f.savevm.last_sent_block == block else counted_string(block)
-        f.savevm.last_sent_block = block
-        if name is None and nz.all():  # real pages only: one buffer, one send (ram_runs.py)
-            put_page_run(f, first_page + c0, chunk, RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE)
+        f.real_pages = bool(nz.all())
+        if name is None and f.real_pages:
+            put_page_run(f, first_page + c0, chunk, RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE, None)
             normal += c1 - c0
             continue
         meta, header_ends = _chunk_records(first_page + c0, nz, name)

@@ -14,6 +14,7 @@ every error text. The wire format is unchanged.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import numpy as np
 
@@ -32,17 +33,24 @@ _BE64 = struct.Struct(">Q")
 _STEPS = np.arange((64 << 20) // RECORD_SIZE + 1, dtype=np.uint64) << np.uint64(PAGE_BITS)
 
 
-def put_page_run(f: QEMUFileOut, first_page: int, data: memoryview, flags: int) -> None:
-    """Send the pages of ``data`` (pages ``first_page``...) as records that all carry ``flags``, in one send.
+def put_page_run(
+    f: QEMUFileOut, first_page: int, data: memoryview, flags: int, nonzero: Callable[[np.ndarray], np.ndarray] | None
+) -> bool:
+    """Send the pages of ``data`` (pages ``first_page``...) as records that all carry ``flags``, in one send;
+    with ``nonzero`` (zero-page detection), only if none of them is a zero page. Returns whether it sent.
 
     The records are laid out in the channel's scratch buffer (one copy of each page, cache-sized), which
-    costs less than handing the kernel two buffers per page: building that list is Python work per page."""
+    costs less than handing the kernel two buffers per page: building that list is Python work per page.
+    Zero pages are looked for in that copy, where the words read are in cache, not in guest RAM."""
     n = len(data) // PAGE_SIZE
     wire = np.frombuffer(f.scratch(n * RECORD_SIZE), dtype=np.uint8).reshape(n, RECORD_SIZE)
+    wire[:, 8:] = np.frombuffer(data, dtype=np.uint8).reshape(n, PAGE_SIZE)
+    if nonzero is not None and not nonzero(wire[:, 8:].view(np.uint64)).all():
+        return False
     offsets = np.arange(first_page, first_page + n, dtype=np.uint64) << np.uint64(PAGE_BITS)
     wire[:, :8] = (offsets | np.uint64(flags)).astype(_HDR).view(np.uint8).reshape(n, 8)
-    wire[:, 8:] = np.frombuffer(data, dtype=np.uint8).reshape(n, PAGE_SIZE)
     f.put_buffer(memoryview(wire).cast("B"))  # type: ignore[arg-type]  # numpy arrays are buffers
+    return True
 
 
 def load_page_run(f: QEMUFileIn, view: memoryview, limit: int, flags: int) -> int:

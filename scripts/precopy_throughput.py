@@ -8,7 +8,12 @@ splice) before and after them, so load that comes and goes is seen by both. Writ
 exact command, `uptime`'s load averages, every run and the medians; every run's guest memory is verified
 by the lab.
 
+With `--tree NAME=PATH` (repeatable) the VMs of each run come from that labkit tree (PYTHONPATH; the lab side
+is this one), the trees taking turns run by run, so load that comes and goes hits each alike; the socket
+ceiling is then measured before, between the halves and after.
+
     flock /tmp/labkit-heavy.lock python3 scripts/precopy_throughput.py --ram 1G --reps 5 --out data/x.json
+    python3 scripts/precopy_throughput.py --tree before=/tmp/base --tree after=$PWD --reps 5
 """
 
 from __future__ import annotations
@@ -41,27 +46,42 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--label", default="", help="what this run measures (e.g. before, after)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file to write (default: print only)")
+    ap.add_argument("--tree", action="append", default=[], metavar="NAME=PATH",
+                    help="run the VMs from this labkit tree, turn about with the other --tree's")  # fmt: skip
     args = ap.parse_args()
     ram = parse_size(args.ram, "M")
+    trees = dict(t.split("=", 1) for t in args.tree) or {"this tree": os.environ.get("PYTHONPATH", "")}
     load_before = uptime()
     ceilings = [socket_ceiling().as_dict()]
-    runs = []
+    runs: dict[str, list[dict]] = {name: [] for name in trees}
     for rep in range(args.reps):
-        res = migrate(
-            mode="normal", ram=ram, prefill=True, warmup=0.3, dirty_rate=IDLE_RATE,
-            max_bandwidth=10 << 30, seed=rep + 1,
-        )  # fmt: skip
-        row = res.flat()
-        runs.append({k: row.get(k) for k in (
-            "precopy_bytes_per_s", "first_pass_bytes_per_s", "passes", "bytes_main", "total_ms",
-            "pause_ms_reported", "guest_verified",
-        )})  # fmt: skip
-        print(f"run {rep + 1}: pre-copy {row['precopy_bytes_per_s'] / 1e9:.2f} GB/s, pass 1 "
-              f"{row['first_pass_bytes_per_s'] / 1e9:.2f} GB/s, verified {row['guest_verified']}", flush=True)  # fmt: skip
+        if len(trees) > 1 and rep == args.reps // 2:
+            ceilings.append(socket_ceiling().as_dict())
+        for name, path in trees.items():
+            os.environ["PYTHONPATH"] = path
+            res = migrate(
+                mode="normal", ram=ram, prefill=True, warmup=0.3, dirty_rate=IDLE_RATE,
+                max_bandwidth=10 << 30, seed=rep + 1,
+            )  # fmt: skip
+            row = res.flat()
+            runs[name].append({k: row.get(k) for k in (
+                "precopy_bytes_per_s", "first_pass_bytes_per_s", "passes", "bytes_main", "total_ms",
+                "pause_ms_reported", "guest_verified",
+            )})  # fmt: skip
+            print(f"run {rep + 1} {name}: pre-copy {row['precopy_bytes_per_s'] / 1e9:.2f} GB/s, pass 1 "
+                  f"{row['first_pass_bytes_per_s'] / 1e9:.2f} GB/s, verified {row['guest_verified']}", flush=True)  # fmt: skip
     ceilings.append(socket_ceiling().as_dict())
     ceiling = statistics.median(c["value"] for c in ceilings)
-    precopy = statistics.median(r["precopy_bytes_per_s"] for r in runs)
-    first = statistics.median(r["first_pass_bytes_per_s"] for r in runs)
+    medians = {
+        name: {
+            "precopy_bytes_per_s_median": statistics.median(r["precopy_bytes_per_s"] for r in rs),
+            "first_pass_bytes_per_s_median": statistics.median(r["first_pass_bytes_per_s"] for r in rs),
+        }
+        for name, rs in runs.items()
+    }
+    for m in medians.values():
+        m["precopy_over_ceiling"] = round(m["precopy_bytes_per_s_median"] / ceiling, 3)
+        m["first_pass_over_ceiling"] = round(m["first_pass_bytes_per_s_median"] / ceiling, 3)
     out = {
         "label": args.label,
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
@@ -73,16 +93,16 @@ def main() -> int:
         "uptime_after": uptime(),
         "scenario": {"mode": "normal", "ram": ram, "prefill": True, "warmup": 0.3, "dirty_rate": IDLE_RATE,
                      "max_bandwidth": 10 << 30},  # fmt: skip
+        "trees": trees,
         "runs": runs,
-        "precopy_bytes_per_s_median": precopy,
-        "first_pass_bytes_per_s_median": first,
+        "medians": medians,
         "socket_ceilings": [{k: c[k] for k in ("value", "method", "methods")} for c in ceilings],
         "socket_ceiling_bytes_per_s": ceiling,
-        "precopy_over_ceiling": round(precopy / ceiling, 3),
-        "first_pass_over_ceiling": round(first / ceiling, 3),
     }
-    print(f"median pre-copy {precopy / 1e9:.2f} GB/s, pass 1 {first / 1e9:.2f} GB/s, socket ceiling "
-          f"{ceiling / 1e9:.2f} GB/s: ratio {out['precopy_over_ceiling']} (pass 1 {out['first_pass_over_ceiling']})")  # fmt: skip
+    for name, m in medians.items():
+        print(f"{name}: median pre-copy {m['precopy_bytes_per_s_median'] / 1e9:.2f} GB/s, pass 1 "
+              f"{m['first_pass_bytes_per_s_median'] / 1e9:.2f} GB/s, socket ceiling {ceiling / 1e9:.2f} GB/s: "
+              f"ratio {m['precopy_over_ceiling']} (pass 1 {m['first_pass_over_ceiling']})")  # fmt: skip
     if args.out is not None:
         args.out.write_text(json.dumps(out, indent=1) + "\n")
     return 0

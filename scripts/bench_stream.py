@@ -114,7 +114,7 @@ def main() -> None:
     )
     ap.add_argument("--no-prefault", action="store_true", help="let the stream fault destination pages in")
     ap.add_argument("--chunk-pages", type=int, default=stream.RAM_SAVE_CHUNK_PAGES)
-    ap.add_argument("--rx-bufsize", type=int, default=stream.IO_BUF_SIZE, help="QEMUFileIn read-ahead bytes")
+    ap.add_argument("--rx-bufsize", type=int, default=qemu_file.READ_AHEAD_SIZE, help="QEMUFileIn read-ahead bytes")
     ap.add_argument("--pattern", choices=["mixed", "random"], default="mixed", help="source RAM contents")
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()

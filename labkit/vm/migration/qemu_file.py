@@ -21,6 +21,9 @@ from labkit.vm.migration.vmstate import SaveVMState, q35_savevm_handlers
 MAX_IOV_SIZE = 512
 #: Small fields are gathered up to this size before a send (QEMU's IO_BUF_SIZE is 32 KiB).
 IO_BUF_SIZE = 32768
+#: The reader's read-ahead: a few hundred page records, so ram_runs.py checks and copies them in one numpy step
+#: each (per-step overhead is tens of microseconds) and one recv_into brings in what the socket holds.
+READ_AHEAD_SIZE = 1 << 20
 #: SO_SNDBUF/SO_RCVBUF asked for on socket channels: with Linux's default (~208 KiB) source and destination
 #: take turns instead of overlapping; 1 MiB lets one prepare the next chunk while the other copies
 #: (scripts/bench_stream.py measures the difference).
@@ -72,6 +75,9 @@ class QEMUFileOut:
             _grow_socket_buffer(self._sock, socket.SO_SNDBUF)
         self._rate_limit = rate_limit
         self._buf = bytearray()
+        self._scratch = bytearray()
+        #: Whether the last chunk of RAM sent had no zero page: ram.py's guess for the next (ram_runs.py)
+        self.real_pages = True
         self.bytes_sent = 0
         self.savevm = SaveVMState()
         for idstr, instance_id, _ in q35_savevm_handlers(serial=True) if handlers is None else handlers:
@@ -113,6 +119,13 @@ class QEMUFileOut:
         """Send several buffers, in order, with as few system calls as possible (QEMU's iovec flush)."""
         self.bytes_sent += sum(len(b) for b in bufs)
         self._writev(list(bufs))
+
+    def scratch(self, n: int) -> memoryview:
+        """A reusable buffer of ``n`` bytes to assemble data in before one put: sends are synchronous, so it
+        is free again once that put returns (one allocation per migration, not one per chunk)."""
+        if len(self._scratch) < n:
+            self._scratch = bytearray(n)
+        return memoryview(self._scratch)[:n]
 
     def flush(self) -> None:
         """qemu_fflush(): push the buffered small fields to the channel."""
@@ -179,14 +192,19 @@ class QEMUFileIn:
     A stream that ends early raises StreamError.
     """
 
-    def __init__(self, source: socket.socket | io.RawIOBase | io.BufferedIOBase, bufsize: int = IO_BUF_SIZE):
+    def __init__(
+        self, source: socket.socket | io.RawIOBase | io.BufferedIOBase, bufsize: int = READ_AHEAD_SIZE
+    ):
         self._sock = source if isinstance(source, socket.socket) else None
         self._read_into: Callable[[memoryview], int | None] = (
             source.recv_into if isinstance(source, socket.socket) else source.readinto
         )
         if self._sock is not None:
             _grow_socket_buffer(self._sock, socket.SO_RCVBUF)
-        self._buf = bytearray(max(bufsize, 512))  # a counted string (<= 255 bytes) and a peek at one fit
+        self._read_ahead = max(bufsize, 512)  # a counted string (<= 255 bytes) and a peek at one fit
+        # small until the first run of pages asks for all of it (peek_buffered): 1 MiB costs ~75 us to
+        # allocate, which a cpr-transfer destination would pay inside the guest's pause
+        self._buf = bytearray(min(self._read_ahead, IO_BUF_SIZE))
         self._mv = memoryview(self._buf)
         self._pos = 0
         self._end = 0
@@ -250,6 +268,28 @@ class QEMUFileIn:
         """The next ``n`` (<= 256) bytes without consuming them (qemu_peek_buffer())."""
         self._fill(n)
         return bytes(self._mv[self._pos : self._pos + n])
+
+    @property
+    def read_ahead_size(self) -> int:
+        return self._read_ahead
+
+    def peek_buffered(self, need: int) -> memoryview:
+        """Every unread byte already in the read-ahead buffer, after waiting for at least ``need`` (<= its
+        size): what a parser of many records at once reads; skip_buffered() then consumes what it took."""
+        if len(self._buf) < self._read_ahead:
+            left = self._end - self._pos
+            buf = bytearray(self._read_ahead)
+            buf[:left] = self._mv[self._pos : self._end]
+            self._buf, self._mv, self._pos, self._end = buf, memoryview(buf), 0, left
+        self._fill(need)
+        return self._mv[self._pos : self._end]
+
+    def skip_buffered(self, n: int) -> None:
+        """Consume ``n`` bytes that peek_buffered() showed (qemu_file_skip())."""
+        if n > self._end - self._pos:
+            raise ValueError(f"only {self._end - self._pos} bytes are buffered, not {n}")
+        self._pos += n
+        self.bytes_received += n
 
     def skip(self, n: int) -> None:
         """Read and drop ``n`` bytes (a reader that only counts, such as stream-inspect)."""

@@ -5,8 +5,8 @@ Pass 1 sends every page (ram_list_init_bitmaps starts with all bits set); each l
 guest dirtied since the previous bitmap sync. Contiguous dirty pages go out as runs straight from the mapping
 (numpy finds the runs and the zero pages; no per-page Python work). max-bandwidth is enforced per 100 ms
 window (BUFFER_DELAY), as QEMU's rate limiter does. On the wire, each page is one record (see stream.py's
-layout): the writer builds a chunk's record headers in one numpy step, the reader copies each page into the
-destination's RAM from its read-ahead buffer or ``recv_into``s it there.
+layout): the writer builds a chunk's record headers in one numpy step; runs of plain page records go both
+ways in one numpy step (ram_runs.py), and the reader takes everything else record by record.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from labkit.errors import LabkitError
 from labkit.vm.migration.interface import MigratableRAMBlock
 from labkit.vm.migration.qapi import MigMode
 from labkit.vm.migration.qemu_file import QEMUFileIn, QEMUFileOut, StreamError, counted_string
+from labkit.vm.migration.ram_runs import load_page_run, load_zero_run, put_page_run
 from labkit.vm.migration.savevm import (
     QEMU_VM_SECTION_END,
     QEMU_VM_SECTION_PART,
@@ -277,6 +278,8 @@ def _nonzero_pages(pages: np.ndarray) -> np.ndarray:
     every page of real data at the cost of two strided reads; only the other pages are scanned in full.
     """
     nz = (pages[:, 0] != 0) | (pages[:, -1] != 0)
+    if nz.all():
+        return cast(np.ndarray, nz)
     undecided = np.flatnonzero(~nz)
     if len(undecided) * 4 > len(nz):  # mostly zero-looking: one pass over the chunk beats gathering rows
         return cast(np.ndarray, pages.any(axis=1))
@@ -336,12 +339,24 @@ def ram_save_pages(
     for c0 in range(0, npages, step):
         c1 = min(c0 + step, npages)
         chunk = data[c0 * PAGE_SIZE : c1 * PAGE_SIZE]
+        name = None if f.savevm.last_sent_block == block else counted_string(block)
+        f.savevm.last_sent_block = block
+        # real pages only: one buffer, one send (ram_runs.py); tried first while the chunks before had no
+        # zero page, as it finds zero pages in its copy (a chunk with one is copied for nothing)
+        if name is None and f.real_pages:
+            nonzero = _nonzero_pages if detect_zero else None
+            if put_page_run(f, first_page + c0, chunk, RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE, nonzero):
+                normal += c1 - c0
+                continue
         if detect_zero:
             nz = _nonzero_pages(np.frombuffer(chunk, dtype=np.uint64).reshape(c1 - c0, PAGE_SIZE // 8))
         else:
             nz = np.ones(c1 - c0, dtype=bool)
-        name = None if f.savevm.last_sent_block == block else counted_string(block)
-        f.savevm.last_sent_block = block
+        f.real_pages = bool(nz.all())
+        if name is None and f.real_pages:
+            put_page_run(f, first_page + c0, chunk, RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE, None)
+            normal += c1 - c0
+            continue
         meta, header_ends = _chunk_records(first_page + c0, nz, name)
         mv = memoryview(meta)  # type: ignore[arg-type]  # numpy arrays are buffers; numpy's stubs say otherwise
         iov: list[bytes | memoryview] = []
@@ -434,14 +449,21 @@ def ram_load_precopy(f: QEMUFileIn, rl: RamLoad, rec: SectionRecord) -> None:
     normal = zero = 0
     get_be64, get_byte, read_into = f.get_be64, f.get_byte, f.read_into  # one lookup, not one per page
     page_mask, continue_flag = TARGET_PAGE_MASK, RAM_SAVE_FLAG_CONTINUE
+    run = RAM_SAVE_FLAG_PAGE  # the kind of run (ram_runs.py) worth trying: that of the last record
     try:
         while True:
+            if run == RAM_SAVE_FLAG_PAGE and view is not None:
+                normal += load_page_run(f, view, limit, RAM_SAVE_FLAG_PAGE | continue_flag)
+            elif run and view is not None:
+                zero += load_zero_run(f, view, limit, RAM_SAVE_FLAG_ZERO | continue_flag, zero_check)
+            run = 0  # the run stopped at a record it does not take: that one goes the exact way
             addr = get_be64()
             flags = addr & ~page_mask
             addr &= page_mask
             if flags == RAM_SAVE_FLAG_PAGE | continue_flag and view is not None and addr + PAGE_SIZE <= limit:
                 read_into(view[addr : addr + PAGE_SIZE])  # the common record, checked in one test
                 normal += 1
+                run = RAM_SAVE_FLAG_PAGE
                 continue
             if flags == RAM_SAVE_FLAG_EOS:
                 return
@@ -463,6 +485,7 @@ def ram_load_precopy(f: QEMUFileIn, rl: RamLoad, rec: SectionRecord) -> None:
                 else:
                     f.read_into(view[addr : addr + PAGE_SIZE])
                 normal += 1
+                run = RAM_SAVE_FLAG_PAGE
             else:
                 ch = get_byte()
                 if view is not None and (ch or zero_check):
@@ -472,6 +495,7 @@ def ram_load_precopy(f: QEMUFileIn, rl: RamLoad, rec: SectionRecord) -> None:
                     elif bytes(page) != _ZERO_PAGE:
                         page[:] = _ZERO_PAGE
                 zero += 1
+                run = RAM_SAVE_FLAG_ZERO
     finally:
         rl.last_block = name
         rec.normal_pages += normal

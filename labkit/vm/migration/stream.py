@@ -37,11 +37,11 @@ Where this differs from QEMU (docs/conformance.md): the emulator sends only the 
 (timer, cpu, serial, globalstate), and its cpu section carries the emulated vCPU's state under QEMU's name;
 x-ignore-shared's per-block address, postcopy, multifd and mapped-ram fields are not written.
 
-Speed: the writer finds zero pages with numpy over a cache-sized chunk at a time, builds that chunk's record
-headers in one numpy step and hands headers and pages to one ``sendmsg`` (the pages straight from guest RAM,
-not copied); the reader copies each page into the destination's guest RAM from its read-ahead buffer or
-``recv_into``s it there. One record per page costs Python work per page on the reader's side (about 1 s of
-CPU per GiB here, against ~0.4 s when records were runs); ``scripts/bench_stream.py`` measures it.
+Speed: the writer finds zero pages with numpy over a cache-sized chunk at a time; a chunk of real pages is
+laid out, headers and pages, in one buffer and sent at once, any other chunk goes as headers and pages in one
+``sendmsg`` (the pages straight from guest RAM). The reader takes a run of plain page records from its 1 MiB
+read-ahead in one numpy step (ram_runs.py) and everything else record by record. ``scripts/bench_stream.py``
+measures the stream alone, ``scripts/precopy_throughput.py`` a whole pre-copy beside the socket ceiling.
 """
 
 from __future__ import annotations

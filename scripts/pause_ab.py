@@ -33,10 +33,14 @@ print(json.dumps({"events": r.pause_ms["events"], "guest": r.pause_ms["guest"],
 
 
 def one_run(tree: str, mode: str, ram: str, seed: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve())}
+    root = Path(tree).resolve()
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    # run in the tree itself: `python -c` and the VMs' `python -m` put the working directory ahead of
+    # PYTHONPATH, so started anywhere else (the repository's root) every tree would import that one's labkit
     out = subprocess.run(
         [sys.executable, "-c", ONE_RUN, mode, ram, str(seed)],
         env=env,
+        cwd=root,
         check=True,
         capture_output=True,
         text=True,

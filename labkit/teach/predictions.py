@@ -116,6 +116,12 @@ def order_of(values: Mapping[str, float | None]) -> list[str]:
     return sorted(known, key=lambda k: known[k])
 
 
+# A pause that rises by less than this from the smallest RAM to the largest is not called growth: a single run's
+# STOP -> RESUME on a shared 2-core machine moves by a few ms from scheduling alone. Normal's pause in the
+# headline rises by tens of ms (its hot set crosses at full speed once the guest is stopped).
+PAUSE_NOISE_MS = 10.0
+
+
 def grows(xs: Iterable[float], ys: Iterable[float], at_least: float = 1.5, min_rise: float = 0.0) -> bool:
     """Whether y at the largest x is at least `at_least` times y at the smallest x, and at least `min_rise`
     above it: "grows with RAM" as a learner would read it off a linear plot. The ratio alone would call
